@@ -1,0 +1,1 @@
+"""Benchmarks for inference-worker: `python -m benchmarks.bench` (see RESULTS.md)."""
