@@ -7,13 +7,16 @@ run can never pass by quietly skipping the integration suite.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,17 +68,25 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
     scheme: str | None = None  # URL scheme when not the name's plain one (mqtts, rediss)
+    env: dict[str, str] | None = None  # added to this process's environment
+    query: str = ""  # URL query every client of this server gets (`url`, `url_with`)
 
     @property
     def url(self) -> str:
+        return self.url_with("")
+
+    def url_with(self, query: str) -> str:
+        """The URL with `query` (`a=1&b=2`) added to the server's own."""
         scheme = self.scheme or {"redis": "redis", "kafka": "kafka"}.get(self.name, "mqtt")
-        return f"{scheme}://127.0.0.1:{self.port}"
+        joined = "&".join(q for q in (self.query, query) if q)
+        return f"{scheme}://127.0.0.1:{self.port}" + (f"?{joined}" if joined else "")
 
     def start(self) -> None:
         if self.log is None:
             self.log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - see close()
+        env = None if self.env is None else {**os.environ, **self.env}
         self.proc = subprocess.Popen(
-            self.argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
         )
         wait_port(self.port, self.proc)
 
@@ -200,13 +211,58 @@ def tansu_binary() -> str:
 
 
 @contextmanager
-def kafka_server() -> Iterator[Server]:
-    """Tansu with in-memory storage: a Kafka-protocol broker that forgets on restart.
+def s3_server() -> Iterator[Server]:
+    """moto's S3 server on a free port, with an empty bucket `tansu`: durable storage for
+    Tansu that outlives the broker process (moto keeps the objects in its own memory)."""
+    if importlib.util.find_spec("moto") is None:
+        msg = "moto (pip install 'moto[server]') not found"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg} (CI is set: a missing server fails the run)")
+        pytest.skip(msg)
+    with tempfile.TemporaryDirectory(prefix="iw-s3-") as tmp:
+        port = free_port()
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        srv = Server("s3", port, argv, Path(tmp), scheme="http")
+        srv.start()
+        try:
+            # CreateBucket is a bare PUT on the bucket's path; moto does not check signatures.
+            request = urllib.request.Request(f"{srv.url}/tansu", method="PUT")
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                reply.read()
+            yield srv
+        finally:
+            srv.close()
 
+
+# A 6 s session timeout (the transport's default is 10 s) for every Kafka client in the
+# tests: Tansu holds each group join for about half the session timeout, and a killed
+# member's partitions are handed on after it, so the Kafka tests wait 40% less.
+KAFKA_TEST_QUERY = "session_timeout_ms=6000"
+
+
+@contextmanager
+def kafka_server(*, durable: bool = False) -> Iterator[Server]:
+    """Tansu, a Kafka-protocol broker, on a free port.
+
+    By default its storage is in memory: a restart forgets every topic, record and offset.
+    `durable=True` stores them in an S3 bucket on a private moto server instead, so the
+    broker can be killed and restarted like a real Kafka broker that keeps its log.
     It refuses InitProducerId (no idempotent producer) and auto-creates topics on produce.
     """
     binary = tansu_binary()
-    with tempfile.TemporaryDirectory(prefix="iw-tansu-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="iw-tansu-"))
+        storage, env = "memory://tansu/", None
+        if durable:
+            s3 = stack.enter_context(s3_server())
+            storage = "s3://tansu/"
+            env = {
+                "AWS_ENDPOINT": s3.url,
+                "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
         port = free_port()
         listener = f"tcp://127.0.0.1:{port}"
         argv = [
@@ -217,9 +273,9 @@ def kafka_server() -> Iterator[Server]:
             "--advertised-listener-url",
             listener,
             "--storage-engine",
-            "memory://tansu/",
+            storage,
         ]
-        srv = Server("kafka", port, argv, Path(tmp))
+        srv = Server("kafka", port, argv, Path(tmp), env=env, query=KAFKA_TEST_QUERY)
         srv.start()
         try:
             yield srv

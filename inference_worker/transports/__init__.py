@@ -57,7 +57,11 @@ def connect(
 
 
 def _kafka(url: str, options: TransportOptions) -> KafkaTransport:
-    """`kafka://h1:9092,h2:9092?partitions=8` → a KafkaTransport (aiokafka imported here)."""
+    """`kafka://h1:9092,h2:9092?partitions=8` → a KafkaTransport (aiokafka imported here).
+
+    Query parameters: `partitions` (for the topics it creates, default 4),
+    `fetch_max_wait_ms` (default 20), `session_timeout_ms` (default 10000).
+    """
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ValueError(
@@ -73,7 +77,7 @@ def _kafka(url: str, options: TransportOptions) -> KafkaTransport:
             raise ValueError("kafka:// URL needs host[:port][,host[:port]...]")
         hosts.append(f"{host}:{port or 9092}")
     query = parse_qs(parts.query, strict_parsing=bool(parts.query))
-    unknown = set(query) - {"partitions", "fetch_max_wait_ms"}
+    unknown = set(query) - {"partitions", "fetch_max_wait_ms", "session_timeout_ms"}
     if unknown:
         raise ValueError(f"kafka:// URL: unknown query parameters {sorted(unknown)}")
     partitions = query.get("partitions", ["4"])[-1]
@@ -84,8 +88,15 @@ def _kafka(url: str, options: TransportOptions) -> KafkaTransport:
     wait = query.get("fetch_max_wait_ms", ["20"])[-1]
     if not wait.isdigit():
         raise ValueError("kafka:// URL: fetch_max_wait_ms must be a non-negative integer")
+    session = query.get("session_timeout_ms", ["10000"])[-1]
+    if not session.isdigit() or int(session) < 1000:
+        raise ValueError("kafka:// URL: session_timeout_ms must be an integer >= 1000")
     return KafkaTransport(
-        ",".join(hosts), options, partitions=int(partitions), fetch_max_wait_ms=int(wait)
+        ",".join(hosts),
+        options,
+        partitions=int(partitions),
+        fetch_max_wait_ms=int(wait),
+        session_timeout_ms=int(session),
     )
 
 

@@ -138,6 +138,7 @@ class KafkaTransport:
         connect_timeout_s: float = 30.0,
         close_timeout_s: float = 5.0,
         fetch_max_wait_ms: int = 20,
+        session_timeout_ms: int = 10_000,
     ) -> None:
         if partitions < 1:
             raise ValueError("partitions must be at least 1")
@@ -149,6 +150,10 @@ class KafkaTransport:
         # measured ~128 requests per 0.28 s in the benchmark); real Kafka answers at once
         # when data is there, so a short wait only costs a few idle fetches per second.
         self._fetch_max_wait_ms = fetch_max_wait_ms
+        # How long a dead member keeps its partitions before the group hands them on (and,
+        # on Tansu, about twice how long each join waits for other members). aiokafka's
+        # default; heartbeats every third of it, as aiokafka's defaults do.
+        self._session_timeout_ms = session_timeout_ms
         # Built once (loads the TLS files now: a bad path fails here, not on start).
         self.security_kwargs = options.security.kafka_kwargs()
         self._connect_timeout_s, self._close_timeout_s = connect_timeout_s, close_timeout_s
@@ -258,15 +263,20 @@ class KafkaTransport:
             max_partition_fetch_bytes=self._max_message_bytes,
             fetch_max_bytes=self._max_message_bytes * 2,
             fetch_max_wait_ms=self._fetch_max_wait_ms,
+            session_timeout_ms=self._session_timeout_ms,
+            heartbeat_interval_ms=max(100, self._session_timeout_ms // 3),
             **self.security_kwargs,
         )
+        # Subscribe only after start(): aiokafka's start() waits for the first assignment
+        # when a subscription already exists, and that wait (a dead member's session
+        # timeout plus a rebalance) belongs to `start()` above, not to connecting.
+        await self._consumer.start()
         listener = _Listener(self)
         if self._patterns:
             alternatives = [re.escape(t) for t in self._plain] + self._patterns
             self._consumer.subscribe(pattern=f"^(?:{'|'.join(alternatives)})$", listener=listener)
         else:
             self._consumer.subscribe(topics=self._plain, listener=listener)
-        await self._consumer.start()
         self._tasks = [
             asyncio.create_task(self._fetch_loop(self._consumer)),
             asyncio.create_task(self._commit_loop()),

@@ -56,9 +56,10 @@ CHAOS_BROKER = {"reconnect_min_s": 0.2, "reconnect_max_s": 2.0, "keepalive_s": 5
 class Timing:
     """What differs in time between transports.
 
-    Kafka (Tansu): a group join takes ~5 s, and a SIGKILLed member is evicted only after
-    the 10 s session timeout, during which its partitions are served by nobody and every
-    rebalance stops the whole group; the ledger's deadline leaves room for two of those.
+    Kafka (Tansu): a group join takes about half the session timeout (6 s in the tests),
+    and a SIGKILLed member is evicted only after the session timeout, during which its
+    partitions are served by nobody and every rebalance stops the whole group; the
+    ledger's deadline leaves room for several of those.
     Resending every 2 s rather than 1 s halves the resend traffic while a rebalance stalls
     the group (resends of unkeyed requests land on random partitions, so they also reach
     partitions held by a live member before the rebalance ends).
@@ -72,9 +73,21 @@ class Timing:
 TIMING = {
     "mqtt": Timing(resend_after_s=1.0, deadline_s=30.0, dlq_wait_s=5.0),
     "kafka": Timing(resend_after_s=2.0, deadline_s=60.0, dlq_wait_s=10.0),
+    # Tansu on S3 (moto): every produce is an S3 write (~16 ms) and every fetch reads S3,
+    # all through one Python server, so it carries tens of requests per second, not
+    # hundreds; resends come slower so that a stall does not snowball into a resend storm.
+    "kafka-durable": Timing(resend_after_s=5.0, deadline_s=90.0, dlq_wait_s=10.0),
 }
 # Kafka topics the transport creates get this many partitions: two workers split them.
-KAFKA_QUERY = "?fetch_max_wait_ms=20&partitions=4"
+KAFKA_QUERY = "fetch_max_wait_ms=20&partitions=4"
+# Idle consumers polling every 20 ms would each keep the S3 server busy.
+KAFKA_DURABLE_QUERY = "fetch_max_wait_ms=250&partitions=4"
+
+
+def profile(transport: str, durable: bool) -> str:
+    """The `TIMING` key of a scenario's broker."""
+    return "kafka-durable" if transport == "kafka" and durable else transport
+
 
 COLUMNS = (
     "scenario",
@@ -93,26 +106,31 @@ COLUMNS = (
 
 
 @contextmanager
-def broker_server(transport: str) -> Iterator[Server]:
-    """A private broker for one scenario (restarts must not disturb other tests)."""
+def broker_server(transport: str, durable: bool = False) -> Iterator[Server]:
+    """A private broker for one scenario (restarts must not disturb other tests).
+
+    `durable` (Kafka): Tansu stores its log in S3 instead of memory, so a restart keeps
+    topics, records and committed offsets, as a production Kafka broker does. Mosquitto
+    runs without persistence either way: the clients resend what a restart drops.
+    """
     if transport == "mqtt":
         with mosquitto_server() as srv:
             yield srv
     elif transport == "kafka":
-        # Tansu with in-memory storage: a restart forgets every topic, group and offset.
-        with kafka_server() as srv:
+        with kafka_server(durable=durable) as srv:
             yield srv
     else:  # pragma: no cover - a transport added later must add its server here
         raise ValueError(f"no chaos broker for transport {transport!r}")
 
 
-def broker_url(transport: str, broker: Server) -> str:
-    return broker.url + (KAFKA_QUERY if transport == "kafka" else "")
+def broker_url(transport: str, broker: Server, durable: bool = False) -> str:
+    query = {"kafka": KAFKA_QUERY, "kafka-durable": KAFKA_DURABLE_QUERY}
+    return broker.url_with(query.get(profile(transport, durable), ""))
 
 
 @contextmanager
-def scenario_servers(transport: str) -> Iterator[tuple[Server, Server]]:
-    with broker_server(transport) as broker, redis_server() as redis:
+def scenario_servers(transport: str, durable: bool = False) -> Iterator[tuple[Server, Server]]:
+    with broker_server(transport, durable) as broker, redis_server() as redis:
         yield broker, redis
 
 
@@ -602,14 +620,16 @@ async def scenario(
     transport: str,
     workdir: Path,
     clients: Sequence[tuple[str, str]] = (("c1", ""),),
+    *,
+    durable_broker: bool = False,
     **sections: dict[str, Any],
 ) -> AsyncIterator[Scenario]:
     """Private servers, taps on the response and DLQ topics, load clients and a fleet
     (started by the test); on exit every process is stopped, killed if need be."""
     expected_labels()  # load the reference model before any clock starts
-    timing = TIMING[transport]
-    with scenario_servers(transport) as (broker, redis):
-        url = broker_url(transport, broker)
+    timing = TIMING[profile(transport, durable_broker)]
+    with scenario_servers(transport, durable_broker) as (broker, redis):
+        url = broker_url(transport, broker, durable_broker)
         settings = chaos_settings(url, redis, **sections)
         fleet = Fleet(settings, workdir)
         ledger = Ledger()

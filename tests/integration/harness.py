@@ -45,6 +45,8 @@ def isolated_settings(broker_url: str, state_url: str, **sections: dict[str, Any
         "state": {"url": state_url, "prefix": f"iw-{tag}:"},
         "models": {"root": str(MODELS)},
         "logging": {"level": "WARNING", "json": False},
+        # Any free port on loopback: test workers never collide on the default 9464.
+        "metrics": {"host": "127.0.0.1", "port": 0},
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

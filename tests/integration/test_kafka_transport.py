@@ -43,7 +43,7 @@ async def make(kafka: Server) -> AsyncIterator[Make]:
         subscriptions: tuple[str, ...] = (), *, partitions: int = 4, **kw: Any
     ) -> KafkaTransport:
         options = TransportOptions(client_id=f"test-{uid()}", subscriptions=subscriptions, **kw)
-        transport = connect(f"{kafka.url}?partitions={partitions}", options)
+        transport = connect(kafka.url_with(f"partitions={partitions}"), options)
         assert isinstance(transport, KafkaTransport)
         created.append(transport)
         await transport.start()
@@ -231,8 +231,10 @@ async def test_tansu_refuses_the_idempotent_producer_and_we_fall_back(make: Make
 
 def test_kafka_urls() -> None:
     options = TransportOptions(client_id="x")
-    many = connect("kafka://h1,h2:9093?partitions=8", options)
+    many = connect("kafka://h1,h2:9093?partitions=8&session_timeout_ms=6000", options)
     assert isinstance(many, KafkaTransport) and many.where == "h1:9092,h2:9093"
-    for bad in ("kafka://h1:x", "kafka://h1?partitions=0", "kafka://h1?other=1", "kafka://h/p"):
+    assert many._session_timeout_ms == 6000 and many._partitions == 8
+    bad_urls = ("kafka://h1:x", "kafka://h1?partitions=0", "kafka://h1?other=1", "kafka://h/p")
+    for bad in (*bad_urls, "kafka://h1?session_timeout_ms=10"):
         with pytest.raises(ValueError):
             connect(bad, options)
