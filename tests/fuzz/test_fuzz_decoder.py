@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from inference_worker.protocol import Codec, ErrorCode, ErrorInfo, Request, Response, WireCodec
+from tests.servers import require_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,12 +46,7 @@ def _seeds(corpus: Path) -> None:
 
 
 def test_decoder_survives_coverage_guided_fuzzing(tmp_path: Path) -> None:
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("atheris is not installed (it is in the dev extra); CI must fuzz")
-        pytest.skip("atheris not installed")
+    require_module("atheris", "it is in the dev extra")
     seconds = int(os.environ.get("IW_FUZZ_SECONDS", "20"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()

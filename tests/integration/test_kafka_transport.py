@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from inference_worker.transports import Delivery, TransportOptions, connect
-from tests.servers import Server
+from tests.servers import Server, require_module
 
-aiokafka = pytest.importorskip("aiokafka")
+aiokafka = require_module("aiokafka", "pip install -e '.[kafka]'")
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
 from inference_worker.transports.kafka import KafkaTransport  # noqa: E402

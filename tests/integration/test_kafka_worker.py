@@ -36,9 +36,9 @@ from tests.integration.harness import (
     isolated_settings,
     settings_env,
 )
-from tests.servers import Server
+from tests.servers import Server, require_module
 
-pytest.importorskip("aiokafka")
+require_module("aiokafka", "pip install -e '.[kafka]'")
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import yaml
 
 from inference_worker.metrics import Metrics
 from inference_worker.settings import Settings
+from tests.servers import require_module
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -366,10 +366,4 @@ def test_prometheus_grafana_and_compose_override_parse() -> None:
 
 def _kubernetes_validate() -> Any:
     """The schema validator: skipped locally when absent, a failure under CI."""
-    try:
-        import kubernetes_validate
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("kubernetes-validate missing (it is in the dev extra); CI must validate")
-        pytest.skip("kubernetes-validate not installed")
-    return kubernetes_validate
+    return require_module("kubernetes_validate", "it is in the dev extra")

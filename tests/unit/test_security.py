@@ -25,6 +25,7 @@ from inference_worker.state.redis import RedisStateStore
 from inference_worker.transports import connect
 from inference_worker.transports.base import TransportOptions
 from inference_worker.transports.mqtt import MqttTransport
+from tests.servers import require_module
 
 
 def test_password_files_are_read_stripped_and_kept_out_of_repr(tmp_path: Path) -> None:
@@ -127,7 +128,7 @@ def _kafka(security: TransportSecurity) -> Any:
 async def test_kafka_sasl_ssl_options_reach_admin_producer_and_consumer(
     mechanism: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("aiokafka")
+    require_module("aiokafka", "pip install -e '.[kafka]'")
     import aiokafka
 
     from inference_worker.transports import kafka as kafka_module
@@ -182,7 +183,7 @@ async def test_kafka_sasl_ssl_options_reach_admin_producer_and_consumer(
 
 
 def test_kafka_security_is_checked() -> None:
-    pytest.importorskip("aiokafka")
+    require_module("aiokafka", "pip install -e '.[kafka]'")
     assert _kafka(TransportSecurity()).security_kwargs == {"security_protocol": "PLAINTEXT"}
     with pytest.raises(ValueError, match="PLAINTEXT"):
         _kafka(TransportSecurity(username="u", password="p"))
