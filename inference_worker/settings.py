@@ -83,6 +83,10 @@ class StateSettings:
     reap_batch: int = 100
     reconnect_backoff_s: float = 0.2
     reconnect_backoff_max_s: float = 5.0
+    # Longest a worker may keep renewing one lease (queued + computing). Past it renewals
+    # are refused, the lease expires, and another attempt (or `exhausted`) follows: a
+    # request stuck behind a hung model call is never held for ever.
+    max_lease_ms: int = 300_000
     # Redis ACL user and TLS (rediss://); the password never in repr or logs.
     username: str = ""
     password: str = field(default="", repr=False)
@@ -137,7 +141,16 @@ class LimitsSettings:
 class WorkerSettings:
     name: str = ""
     claim_group_max: int = 256
+    # A claim group is also bounded by the wire bytes it carries (one Redis call each).
+    claim_group_max_bytes: int = 8 * 1024 * 1024
     intake_buffer: int = 512
+    # Byte budget for requests between receipt and their answer (wire bytes while
+    # waiting for decode, decoded tensor bytes once admitted). Over it, intake waits and
+    # the broker holds the rest; one request may overshoot it by its own size.
+    inflight_max_bytes: int = 128 * 1024 * 1024
+    # A model call that has not returned by then counts as a failed attempt (retried or
+    # `exhausted`); its pool thread is left to finish on its own.
+    compute_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
     response_codec: str = "request"
     heartbeat_s: float = 5.0

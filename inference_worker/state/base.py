@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from inference_worker.journal import JournalEntry
+
 
 class ClaimOutcome(enum.StrEnum):
     NEW = "new"  # lease taken by this caller; payload journaled
@@ -30,7 +32,9 @@ class ClaimRequest:
     app: str
     id: str
     fingerprint: str  # hex digest of the request's semantic content
-    payload: bytes  # raw request bytes, journaled so a later attempt can re-run it
+    # Journaled so a later attempt can re-run it: the raw request bytes as their own
+    # field, with the topic, reply topic and correlation beside them (no re-wrapping).
+    source: JournalEntry
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,6 @@ class Completion:
 
 
 @dataclass(frozen=True)
-class Release:
-    """Give a lease back without a response (e.g. inference failed, not cached)."""
-
-    app: str
-    id: str
-    token: str
-
-
-@dataclass(frozen=True)
 class Reclaimed:
     """A request taken over for another attempt (reaper, due retry): its lease is ours."""
 
@@ -66,7 +61,7 @@ class Reclaimed:
     id: str
     token: str  # the new lease token
     attempts: int  # attempts including this one; when exhausted, the attempts already run
-    payload: bytes  # the journal bytes given at claim time
+    source: JournalEntry  # what was journaled at claim time
     # Attempts would exceed max_attempts: do not run it. Answer `exhausted`: complete()
     # the error response under `token`, and dead-letter the payload.
     exhausted: bool
@@ -101,9 +96,15 @@ class StateStore(Protocol):
     async def ping(self) -> bool: ...
 
     async def claim(
-        self, items: Sequence[ClaimRequest], *, lease_ms: int, max_attempts: int
+        self, items: Sequence[ClaimRequest], *, nonce: str, lease_ms: int, max_attempts: int
     ) -> list[ClaimResult]:
         """Claim each item atomically; results are in the order of `items`.
+
+        `nonce` (unique per call, chosen by the caller) names the group: item i's lease
+        token is `f"{nonce}:{i}"`. A call repeated with the same nonce and items (the
+        caller's retry after a lost reply) is a replay: an item this nonce already holds
+        comes back NEW (or EXHAUSTED) again with the same token and attempt count, never
+        IN_PROGRESS against itself.
 
         A pending record whose lease has expired is re-claimable (NEW, attempts + 1);
         when attempts + 1 would exceed `max_attempts` it is EXHAUSTED, and the caller
@@ -123,10 +124,6 @@ class StateStore(Protocol):
         """
         ...
 
-    async def release(self, items: Sequence[Release]) -> list[bool]:
-        """Drop token-matching pending records so a resend is computed afresh."""
-        ...
-
     async def reap_expired(
         self, *, lease_ms: int, max_attempts: int, limit: int = 100
     ) -> list[Reclaimed]:
@@ -139,8 +136,15 @@ class StateStore(Protocol):
         """
         ...
 
-    async def renew(self, items: Sequence[Renewal], *, lease_ms: int) -> list[bool]:
+    async def renew(
+        self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int
+    ) -> list[bool]:
         """Push the leases of records the caller is still working on to now + lease_ms.
+
+        A lease is never pushed past `max_lease_ms` after it was taken (claim or
+        take-over): past that, renew answers False and the lease runs out, so a request
+        stuck behind a hung model call or a failing completion is re-run or ends
+        `exhausted` instead of being held for ever.
 
         Token-checked, one round trip for the group. Only leases in the lease set are
         renewed (a record parked for retry is not). False: the caller lost the lease.

@@ -7,7 +7,8 @@ claim is durable, and so that an ack can be tied to the connection that delivere
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -35,6 +36,17 @@ class Delivery:
         """Acknowledge to the source. Idempotent; a no-op for a stale connection."""
         if self.acker is not None:
             self.acker()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish (see `Transport.publish_many`)."""
+
+    topic: str
+    payload: bytes
+    reply_to: str | None = None
+    correlation: bytes | None = None
+    headers: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,35 @@ class Transport(Protocol):
 
     def deliveries(self) -> AsyncIterator[Delivery]:
         """Messages from the subscriptions, in arrival order; ends after `close()`."""
+        ...
+
+    def background(self) -> Sequence[asyncio.Task[None]]:
+        """The transport's own long-running tasks (network driver, fetch, commit).
+
+        They run from `start()` to `close()`. The worker watches them: one that ends
+        before `close()` (crashed or returned) fails readiness and stops the worker, so
+        a dead consumer never leaves a worker serving nothing while looking healthy.
+        """
+        ...
+
+    def check_topic(self, topic: str) -> None:
+        """Raise ValueError when `topic` cannot be published on this transport (its own
+        name rules: MQTT length and characters, Kafka's legal names once mapped).
+
+        Called at admission for reply topics, so an answer is never addressed to a
+        topic the broker would refuse.
+        """
+
+    def ack_many(self, deliveries: Iterable[Delivery]) -> None:
+        """Ack a group of deliveries (each idempotent, fenced by its connection)."""
+
+    async def publish_many(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
+        """Publish a group; wait until the broker accepted each (QoS 1 / acks=all).
+
+        Never raises for a message it could not publish: the result, in the order of
+        `messages`, holds None for each accepted message and the exception for each
+        refused or failed one, so one bad topic cannot fail the rest of a batch.
+        """
         ...
 
     async def publish(
