@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from inference_worker.protocol import (
+    DTYPES,
     Codec,
     ErrorCode,
     Limits,
@@ -28,7 +29,6 @@ from inference_worker.protocol import (
     Timing,
     WireCodec,
 )
-from inference_worker.tensors import DTYPES
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WIRE = WireCodec()  # module level in tests only: hypothesis forbids function fixtures
