@@ -16,7 +16,7 @@ from inference_worker.journal import JournalEntry
 
 
 class ClaimOutcome(enum.StrEnum):
-    NEW = "new"  # lease taken by this caller; payload journaled
+    NEW = "new"  # lease taken by this caller; request journaled
     DONE = "done"  # a cached response exists: republish it, compute nothing
     IN_PROGRESS = "in_progress"  # someone else holds a live lease: drop this copy
     CONFLICT = "conflict"  # same (app, id), different payload fingerprint
@@ -100,11 +100,13 @@ class StateStore(Protocol):
     ) -> list[ClaimResult]:
         """Claim each item atomically; results are in the order of `items`.
 
-        `nonce` (unique per call, chosen by the caller) names the group: item i's lease
-        token is `f"{nonce}:{i}"`. A call repeated with the same nonce and items (the
-        caller's retry after a lost reply) is a replay: an item this nonce already holds
-        comes back NEW (or EXHAUSTED) again with the same token and attempt count, never
-        IN_PROGRESS against itself.
+        `nonce` (unique per call, chosen by the caller; not empty) names the group: item
+        i's lease token is `f"{nonce}:{i}"`. A call repeated with the same nonce and items
+        (the caller's retry after a lost reply) is a replay: an item whose record is
+        pending under exactly that token comes back NEW (or EXHAUSTED) again with the same
+        token and attempt count, never IN_PROGRESS against itself, and no attempt is
+        counted twice. So the caller retries a claim that raised StateUnavailable with
+        the same nonce, and a fresh nonce for every new group.
 
         A pending record whose lease has expired is re-claimable (NEW, attempts + 1);
         when attempts + 1 would exceed `max_attempts` it is EXHAUSTED, and the caller
@@ -142,9 +144,12 @@ class StateStore(Protocol):
         """Push the leases of records the caller is still working on to now + lease_ms.
 
         A lease is never pushed past `max_lease_ms` after it was taken (claim or
-        take-over): past that, renew answers False and the lease runs out, so a request
-        stuck behind a hung model call or a failing completion is re-run or ends
-        `exhausted` instead of being held for ever.
+        take-over; the store keeps the take time): the new deadline is
+        min(now + lease_ms, taken + max_lease_ms), and once that is not ahead of now renew
+        answers False and writes nothing. The lease then runs out, so a request stuck
+        behind a hung model call or a failing completion is re-run (take-over, attempts
+        + 1) or ends `exhausted` instead of being held for ever. ValueError when
+        `max_lease_ms < lease_ms`.
 
         Token-checked, one round trip for the group. Only leases in the lease set are
         renewed (a record parked for retry is not). False: the caller lost the lease.
@@ -177,6 +182,19 @@ class StateUnavailable(ConnectionError):
 
     Implementations translate their client library's connection errors into this so
     the worker can retry with backoff without knowing which store it talks to.
+    """
+
+
+class StateFailed(RuntimeError):
+    """The store answered a command with an error that retrying at once will not fix.
+
+    E.g. Redis `OOM command not allowed` (maxmemory reached under `noeviction`),
+    `MISCONF` (it cannot persist), `READONLY` (a replica), `NOSCRIPT` after a failed
+    reload, a script error. The message is the server's. For OOM, MISCONF and READONLY
+    nothing of the call was written (Redis checks a script for them before it runs). The
+    caller logs and counts it and lets the affected leases expire (another attempt, or
+    `exhausted`, follows once the store works again) rather than crash or retry in a
+    tight loop.
     """
 
 

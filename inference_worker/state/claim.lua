@@ -2,46 +2,52 @@
 --
 -- KEYS: for item i (1-based): KEYS[2i-1] = req hash, KEYS[2i] = resp string;
 --       KEYS[2n+1] = leases zset, KEYS[2n+2] = retry zset.
--- ARGV: [1] lease_ms, [2] max_attempts, then per item i (base = 2 + 4(i-1)):
---       fp, payload, token, leases member.
+-- ARGV: [1] lease_ms, [2] max_attempts, [3] nonce, [4] req key prefix `{p}req:`,
+--       then per item i (base = 4 + 5(i-1)): fp, payload, topic, reply_to, correlation.
+--       reply_to and correlation are '' when absent, else '=' followed by the value.
 -- Returns one entry per item: {outcome, attempts} or {'done', attempts, response}.
--- 'new' and 'exhausted' mean the caller's token now holds the lease; for 'exhausted'
--- only to complete the record with the `exhausted` error response (never run it).
+-- 'new' and 'exhausted' mean the caller now holds the lease under token
+-- `nonce .. ':' .. (i - 1)`; for 'exhausted' only to complete the record with the
+-- `exhausted` error response (never run it).
 --
--- "now" is the server's TIME so that workers with skewed clocks agree on lease expiry.
--- Tokens come from the caller (no randomness here: scripts must be deterministic).
--- A pending record holding the caller's own token means this exact call is being
--- replayed (the client retried after a lost reply): answer as the first run did.
+-- The token is built from the caller's nonce (scripts must be deterministic: no
+-- randomness here). A pending record holding the very token this item would get means
+-- this call is being replayed (the caller retried after a lost reply): it answers as the
+-- first run did (same token, same attempts, nothing counted twice).
 -- A record waiting in the retry zset has lease_until = retry time + lease (see
 -- schedule.lua), so the live-lease check answers 'in_progress' for it.
+-- The journal is the raw payload as its own field with topic, reply_to and corr beside
+-- it; `taken_at` (when this token took the lease) bounds renewals (renew.lua).
 local n = (#KEYS - 2) / 2
 local leases, retry = KEYS[#KEYS - 1], KEYS[#KEYS]
-local lease_ms = tonumber(ARGV[1])
-local max_attempts = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease_ms, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nonce, req_prefix = ARGV[3], ARGV[4]
+local now = now_ms()
 local until_ms = now + lease_ms
 local out = {}
 
 local function lease(req, token, member, exhausted)
   redis.call('HSET', req, 'token', token, 'lease_until', until_ms, 'lease_ms', lease_ms,
-    'exhausted', exhausted)
+    'exhausted', exhausted, 'taken_at', now)
   redis.call('ZREM', retry, member)
   redis.call('ZADD', leases, until_ms, member)
 end
 
-local function take(req, fp, payload, token, member, attempts)
+local function take(req, b, token, member, attempts)
   redis.call('DEL', req)
-  redis.call('HSET', req, 'state', 'pending', 'fp', fp, 'attempts', attempts,
-    'payload', payload)
+  redis.call('HSET', req, 'state', 'pending', 'fp', ARGV[b + 1], 'attempts', attempts,
+    'payload', ARGV[b + 2], 'topic', ARGV[b + 3])
+  local reply_to, corr = ARGV[b + 4], ARGV[b + 5]
+  if reply_to ~= '' then redis.call('HSET', req, 'reply_to', string.sub(reply_to, 2)) end
+  if corr ~= '' then redis.call('HSET', req, 'corr', string.sub(corr, 2)) end
   lease(req, token, member, 0)
   return {'new', attempts}
 end
 
 for i = 1, n do
   local req, resp = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 2 + 4 * (i - 1)
-  local fp, payload, token, member = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local b = 4 + 5 * (i - 1)
+  local fp, token, member = ARGV[b + 1], nonce .. ':' .. (i - 1), member_of(req, req_prefix)
   local h = redis.call('HMGET', req, 'state', 'fp', 'token', 'lease_until', 'attempts',
     'exhausted')
   local state, attempts = h[1], tonumber(h[5]) or 0
@@ -51,7 +57,7 @@ for i = 1, n do
     if not cached then state = false end -- response expired: the record counts as absent
   end
   if not state then
-    out[i] = take(req, fp, payload, token, member, 1)
+    out[i] = take(req, b, token, member, 1)
   elseif h[2] ~= fp then
     out[i] = {'conflict', attempts}
   elseif state == 'done' then
@@ -64,7 +70,7 @@ for i = 1, n do
     lease(req, token, member, 1) -- attempts stay: this lease only closes the record
     out[i] = {'exhausted', attempts}
   else
-    out[i] = take(req, fp, payload, token, member, attempts + 1)
+    out[i] = take(req, b, token, member, attempts + 1)
   end
 end
 return out

@@ -2,27 +2,30 @@
 --
 -- KEYS: per item i: KEYS[2i-1] = req hash, KEYS[2i] = resp string;
 --       KEYS[2n+1] = leases zset, KEYS[2n+2] = retry zset.
--- ARGV: [1] result_ttl_s, then per item i (base = 1 + 3(i-1)): token, response, member.
+-- ARGV: [1] result_ttl_s, [2] req key prefix `{p}req:`, then per item i
+--       (base = 2 + 2(i-1)): token, response.
 -- Returns one integer per item: 1 when the caller held the lease (or this is a replay of
 -- its own completion), else 0 and nothing is written for that item.
 --
 -- The done record keeps `token` so that a replayed call (client retry after a lost reply)
--- still answers 1; `payload` and the lease fields go, and the req hash gets the
+-- still answers 1; the journal and the lease fields go, and the req hash gets the
 -- response's TTL so that both expire together.
 local n = (#KEYS - 2) / 2
 local leases, retry = KEYS[#KEYS - 1], KEYS[#KEYS]
-local ttl = tonumber(ARGV[1])
+local ttl, req_prefix = tonumber(ARGV[1]), ARGV[2]
 local out = {}
 for i = 1, n do
   local req, resp = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 1 + 3 * (i - 1)
-  local token, response, member = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+  local b = 2 + 2 * (i - 1)
+  local token, response = ARGV[b + 1], ARGV[b + 2]
   local h = redis.call('HMGET', req, 'state', 'token')
   if h[2] ~= token then
     out[i] = 0
   elseif h[1] == 'pending' then
+    local member = member_of(req, req_prefix)
     redis.call('SET', resp, response, 'EX', ttl)
-    redis.call('HDEL', req, 'payload', 'lease_until', 'lease_ms')
+    redis.call('HDEL', req, 'payload', 'topic', 'reply_to', 'corr', 'lease_until',
+      'lease_ms', 'taken_at')
     redis.call('HSET', req, 'state', 'done')
     redis.call('EXPIRE', req, ttl)
     redis.call('ZREM', leases, member)

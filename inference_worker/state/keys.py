@@ -25,6 +25,24 @@ def check_takeover_args(lease_ms: int, max_attempts: int, limit: int) -> None:
         raise ValueError(f"limit must be >= 1, got {limit}")
 
 
+def check_nonce(nonce: str) -> None:
+    """A claim's nonce names its tokens (`{nonce}:{i}`): it must not be empty."""
+    if not nonce:
+        raise ValueError("nonce must not be empty")
+
+
+def check_renew_args(lease_ms: int, max_lease_ms: int) -> None:
+    if lease_ms < 1:
+        raise ValueError(f"lease_ms must be >= 1, got {lease_ms}")
+    if max_lease_ms < lease_ms:
+        raise ValueError(f"max_lease_ms must be >= lease_ms ({lease_ms}), got {max_lease_ms}")
+
+
+def claim_token(nonce: str, index: int) -> str:
+    """The lease token of item `index` of a claim call: replaying the call gives it again."""
+    return f"{nonce}:{index}"
+
+
 def check_delay(delay_ms: int) -> None:
     if delay_ms < 0:
         raise ValueError(f"delay_ms must be >= 0, got {delay_ms}")
@@ -37,7 +55,7 @@ def check_ttl(result_ttl_s: int) -> None:
 
 
 def new_token() -> str:
-    """A lease token: random, so a stale holder can never match a newer lease."""
+    """A random nonce (take-overs): a stale holder can never match a newer lease."""
     return secrets.token_hex(8)
 
 

@@ -15,26 +15,29 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from inference_worker.journal import JournalEntry
 from inference_worker.state.base import (
     ClaimOutcome,
     ClaimRequest,
     ClaimResult,
     Completion,
     Reclaimed,
-    Release,
     Renewal,
     RetryLater,
 )
 from inference_worker.state.keys import (
     check_claim_args,
     check_delay,
+    check_nonce,
+    check_renew_args,
     check_takeover_args,
     check_ttl,
+    claim_token,
     member,
     new_token,
 )
 
-__all__ = ["MemoryStateStore", "check_claim_args", "check_ttl", "new_token"]
+__all__ = ["MemoryStateStore"]
 
 _Key = tuple[str, str]
 
@@ -49,8 +52,9 @@ class _Record:
     attempts: int
     lease_until: int = 0  # ms; meaningful while pending
     lease_ms: int = 0  # length of the current lease (schedule_retry extends by it)
+    taken_at: int = 0  # ms; when the current token took the lease (bounds renewals)
     exhausted: bool = False  # the current lease was handed out to close it as exhausted
-    payload: bytes | None = None  # journal; dropped on completion
+    source: JournalEntry | None = None  # the journal; dropped on completion
     response: bytes | None = None  # set when done
     expires_at: int | None = None  # ms; set when done (response TTL)
 
@@ -89,6 +93,7 @@ class MemoryStateStore:
     def _lease(self, key: _Key, rec: _Record, token: str, now: int, lease_ms: int) -> None:
         """Hand `rec` a fresh lease under `token` (in the leases set only)."""
         rec.token, rec.lease_until, rec.lease_ms = token, now + lease_ms, lease_ms
+        rec.taken_at = now
         self._retry.pop(key, None)
         self._leases[key] = rec.lease_until
 
@@ -102,14 +107,15 @@ class MemoryStateStore:
         return True
 
     async def claim(
-        self, items: Sequence[ClaimRequest], *, lease_ms: int, max_attempts: int
+        self, items: Sequence[ClaimRequest], *, nonce: str, lease_ms: int, max_attempts: int
     ) -> list[ClaimResult]:
         check_claim_args(lease_ms, max_attempts)
+        check_nonce(nonce)
         now = self._now_ms()  # one "now" per call, like one TIME per script run
         out: list[ClaimResult] = []
-        for item in items:
+        for i, item in enumerate(items):
             key = (item.app, item.id)
-            token = new_token()
+            token = claim_token(nonce, i)
             rec = self._live(key, now)
             if rec is None:
                 out.append(self._take(key, item, token, now, lease_ms, 1))
@@ -119,7 +125,7 @@ class MemoryStateStore:
                 out.append(
                     ClaimResult(ClaimOutcome.DONE, response=rec.response, attempts=rec.attempts)
                 )
-            elif rec.token == token:  # replay of this call (Redis only; kept for parity)
+            elif rec.token == token:  # this call replayed (a retry after a lost reply)
                 outcome = ClaimOutcome.EXHAUSTED if rec.exhausted else ClaimOutcome.NEW
                 out.append(ClaimResult(outcome, token=token, attempts=rec.attempts))
             elif rec.lease_until > now:  # also covers a record waiting for its retry
@@ -140,7 +146,7 @@ class MemoryStateStore:
             fp=item.fingerprint,
             token=token,
             attempts=attempts,
-            payload=item.payload,
+            source=item.source,
         )
         self._records[key] = rec
         self._lease(key, rec, token, now, lease_ms)
@@ -158,27 +164,13 @@ class MemoryStateStore:
             elif rec.state == "pending":
                 rec.state = "done"
                 rec.response = item.response
-                rec.payload = None
+                rec.source = None
                 rec.lease_until = 0
                 rec.expires_at = now + result_ttl_s * 1000
                 self._unlist(key)
                 out.append(True)
             else:  # done under this token: a replay of our own completion
                 out.append(True)
-        return out
-
-    async def release(self, items: Sequence[Release]) -> list[bool]:
-        now = self._now_ms()
-        out: list[bool] = []
-        for item in items:
-            key = (item.app, item.id)
-            rec = self._live(key, now)
-            if rec is not None and rec.state == "pending" and rec.token == item.token:
-                del self._records[key]
-                self._unlist(key)
-                out.append(True)
-            else:
-                out.append(False)
         return out
 
     async def reap_expired(
@@ -200,18 +192,20 @@ class MemoryStateStore:
         for key in _oldest(source, now, limit):
             source.pop(key)
             rec = self._live(key, now)
-            if rec is None or rec.state != "pending" or rec.payload is None:
+            if rec is None or rec.state != "pending" or rec.source is None:
                 continue  # stale member: dropped, as the script does
             rec.exhausted = rec.attempts + 1 > max_attempts
             if not rec.exhausted:
                 rec.attempts += 1
             token = new_token()
             self._lease(key, rec, token, now, lease_ms)
-            out.append(Reclaimed(*key, token, rec.attempts, rec.payload, rec.exhausted))
+            out.append(Reclaimed(*key, token, rec.attempts, rec.source, rec.exhausted))
         return out
 
-    async def renew(self, items: Sequence[Renewal], *, lease_ms: int) -> list[bool]:
-        check_ttl(lease_ms)
+    async def renew(
+        self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int
+    ) -> list[bool]:
+        check_renew_args(lease_ms, max_lease_ms)
         now = self._now_ms()
         out: list[bool] = []
         for item in items:
@@ -225,8 +219,12 @@ class MemoryStateStore:
             ):
                 out.append(False)
                 continue
-            rec.lease_until = now + lease_ms
-            self._leases[key] = rec.lease_until
+            until = min(now + lease_ms, rec.taken_at + max_lease_ms)
+            if until <= now:  # at its maximum: left to run out (take-over or exhausted)
+                out.append(False)
+                continue
+            rec.lease_until = until
+            self._leases[key] = until
             out.append(True)
         return out
 

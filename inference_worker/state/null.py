@@ -15,10 +15,10 @@ from inference_worker.state.base import (
     ClaimResult,
     Completion,
     Reclaimed,
-    Release,
     Renewal,
     RetryLater,
 )
+from inference_worker.state.keys import check_nonce, claim_token
 
 
 class NullStateStore:
@@ -32,19 +32,24 @@ class NullStateStore:
         return True
 
     async def claim(
-        self, items: Sequence[ClaimRequest], *, lease_ms: int, max_attempts: int
+        self, items: Sequence[ClaimRequest], *, nonce: str, lease_ms: int, max_attempts: int
     ) -> list[ClaimResult]:
         # attempts = max_attempts: with nothing to bring a request back, a failure is
         # final, so the worker answers `exhausted` at once instead of scheduling a retry.
-        return [ClaimResult(ClaimOutcome.NEW, token="-", attempts=max_attempts) for _ in items]
+        # Tokens follow the contract (`{nonce}:{i}`) although nothing checks them.
+        check_nonce(nonce)
+        return [
+            ClaimResult(ClaimOutcome.NEW, token=claim_token(nonce, i), attempts=max_attempts)
+            for i in range(len(items))
+        ]
 
     async def complete(self, items: Sequence[Completion], *, result_ttl_s: int) -> list[bool]:
         return [True] * len(items)
 
-    async def release(self, items: Sequence[Release]) -> list[bool]:
-        return [True] * len(items)
-
-    async def renew(self, items: Sequence[Renewal], *, lease_ms: int) -> list[bool]:
+    async def renew(
+        self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int
+    ) -> list[bool]:
+        # No lease exists to lose or to bound: the holder keeps working until it answers.
         return [True] * len(items)
 
     async def schedule_retry(self, items: Sequence[RetryLater]) -> list[bool]:
