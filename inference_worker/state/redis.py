@@ -260,8 +260,12 @@ class RedisStateStore:
 
     def _failed(self, exc: ResponseError) -> StateUnavailable | StateFailed:
         """The error reply as the contract's error: transient ones are an outage."""
-        message = f"Redis at {redact_url(self._url)}: {exc}"
-        if str(exc).encode().startswith(_TRANSIENT):
+        # redis-py strips the error code it maps to a class (OOM, READONLY, NOSCRIPT...)
+        # from the text: put it back so the message is the server's.
+        code = getattr(exc, "status_code", None)
+        text = f"{code} {exc}" if code else str(exc)
+        message = f"Redis at {redact_url(self._url)}: {text}"
+        if text.encode().startswith(_TRANSIENT):
             return StateUnavailable(message)
         return StateFailed(message)
 
