@@ -1,5 +1,6 @@
 """Kafka transport on a real Kafka-protocol broker (Tansu): what the contract suite cannot
-see — committed offsets, group splits, stale acks after a rebalance, pause/resume.
+see — committed offsets, group splits, stale acks after a rebalance, pause/resume — and the
+topic-name mapping. Hostile records and topic creation: `test_kafka_hardening`.
 
 Committed offsets are read back from the broker by a consumer of the same group that
 assigns partitions by hand (no join); aiokafka's admin `list_consumer_group_offsets`
@@ -10,6 +11,7 @@ bounded only against hangs; nothing asserts speed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,7 +24,7 @@ from tests.servers import Server, require_module
 aiokafka = require_module("aiokafka", "pip install -e '.[kafka]'")
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
-from inference_worker.transports.kafka import KafkaTransport  # noqa: E402
+from inference_worker.transports.kafka import KafkaTransport, kafka_topic, mqtt_topic  # noqa: E402
 
 pytestmark = pytest.mark.integration
 WAIT = 30.0
@@ -226,7 +228,7 @@ async def test_receive_maximum_bounds_fetching(make: Make) -> None:
 async def test_tansu_refuses_the_idempotent_producer_and_we_fall_back(make: Make) -> None:
     pub = await make()
     assert pub.idempotent is False  # feature-detected at start; acks=all still holds
-    await pub.publish(f"response_message/{uid()}", b"x", correlation=b"id-1")
+    await pub.publish("response_message", b"x", correlation=b"id-1")  # created at start
 
 
 def test_kafka_urls() -> None:
@@ -238,3 +240,66 @@ def test_kafka_urls() -> None:
     for bad in (*bad_urls, "kafka://h1?session_timeout_ms=10"):
         with pytest.raises(ValueError):
             connect(bad, options)
+
+
+def test_topic_mapping_keeps_the_plain_names() -> None:
+    assert kafka_topic("request_message/digits") == "request_message.digits"
+    assert mqtt_topic("request_message.digits") == "request_message/digits"
+    assert kafka_topic("request_message.dlq") == "request_message.dlq"  # the DLQ suffix
+    assert mqtt_topic("request_message.dlq") == "request_message.dlq"
+    assert mqtt_topic("a.b.dlq") == "a/b.dlq" and kafka_topic("a/b.dlq") == "a.b.dlq"
+    assert kafka_topic("response_message/_/iw-client-1") == "response_message._.iw-client-1"
+
+
+def test_topic_names_that_would_not_map_back_are_refused() -> None:
+    refused = [
+        "request_message/digits/a.b",  # app `a.b` would be read back as `a/b`
+        "a//b",
+        "/a",
+        "a/",
+        "a/dlq",  # would be `a.dlq`, which reads back as the dead-letter name `a.dlq`
+        "a b",
+        "$SYS/x",
+        "a/+",
+        "__consumer_offsets",
+        "x" * 250,
+        "ü",
+    ]
+    for name in refused:
+        with pytest.raises(ValueError):
+            kafka_topic(name)
+    for kafka_name in ("a..b", ".a", "a.", "__x", "a b", "", "x" * 250, ".dlq"):
+        with pytest.raises(ValueError):
+            mqtt_topic(kafka_name)
+
+
+def test_topic_mapping_is_one_to_one_and_reversible() -> None:
+    """Every string of up to five pieces over an alphabet that holds all the hard cases:
+    each name that maps, maps back to itself, in both directions (so no two collide)."""
+    pieces = ("a", "B", "_", "-", ".", "/", "dlq", "__")
+    mapped: dict[str, str] = {}
+    for n in range(1, 6):
+        for combo in itertools.product(pieces, repeat=n):
+            name = "".join(combo)
+            try:
+                kafka = kafka_topic(name)
+            except ValueError:
+                pass
+            else:
+                assert mqtt_topic(kafka) == name
+                assert mapped.setdefault(kafka, name) == name, (kafka, name)
+            try:
+                back = mqtt_topic(name)
+            except ValueError:
+                continue
+            assert kafka_topic(back) == name
+    assert len(mapped) > 1000
+
+
+async def test_check_topic_accepts_what_maps_and_refuses_the_rest(make: Make) -> None:
+    transport = await make()
+    for good in ("response_message", "response_message/app1/c-1", "request_message.dlq"):
+        transport.check_topic(good)
+    for bad in ("response_message/app 1", "response_message/a.b", "response_message/"):
+        with pytest.raises(ValueError):
+            transport.check_topic(bad)

@@ -1,0 +1,131 @@
+"""Kafka producer side: which topics exist, and sending a group of records at once.
+
+Topic creation. The transport creates the topics the configuration names at start and
+nothing else. A publish to any other topic that does not exist fails fast, with
+`UnknownTopicOrPartitionError` for that message: one bounded metadata lookup that lists
+topics (a request the broker auto-creates nothing for), at most one per `TOPIC_RECHECK_S`,
+so a flood of messages addressed to missing topics costs one request per interval. Such a
+message is never handed to the producer, because the producer's own metadata request asks
+the broker to auto-create the topic (Tansu does; Kafka does with
+`auto.create.topics.enable`), and where the broker refuses it waits `request_timeout_ms`.
+Topics found to exist are remembered for the transport's lifetime.
+
+`send_all` gives the producer every record first (no waiting in between) and then waits
+for all of their acknowledgements at once; each message's failure is its own result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
+
+from inference_worker.transports.base import Outgoing
+from inference_worker.transports.kafka_headers import write_headers
+from inference_worker.transports.kafka_topics import kafka_topic
+
+TOPIC_RECHECK_S = 1.0
+_TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+
+
+class TopicDirectory:
+    """The topics known to exist; creates the configured ones, looks the others up."""
+
+    def __init__(self, where: str, *, partitions: int, lookup_timeout_s: float) -> None:
+        self._where, self._partitions, self._timeout_s = where, partitions, lookup_timeout_s
+        self._existing: set[str] = set()
+        self._looked_up_at = -TOPIC_RECHECK_S
+        self._lock = asyncio.Lock()
+        self.admin: AIOKafkaAdminClient | None = None
+
+    async def create(self, names: Sequence[str]) -> None:
+        """Create those of `names` (Kafka names) that do not exist; existing ones untouched."""
+        admin = self._admin()
+        existing = set(await admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        if missing:
+            new = [NewTopic(n, self._partitions, 1) for n in missing]
+            try:
+                response = await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                response = None
+            for name, code, *_ in getattr(response, "topic_errors", ()):
+                if code not in (0, _TOPIC_EXISTS):
+                    raise for_code(code)(f"cannot create Kafka topic {name!r}")
+        self._existing.update(names)
+
+    async def absent(self, names: Iterable[str]) -> dict[str, BaseException]:
+        """Those of `names` that do not exist or could not be looked up, each with the error
+        its messages get."""
+        unknown = set(names) - self._existing
+        if not unknown:
+            return {}
+        async with self._lock:
+            unknown -= self._existing  # a lookup that ran meanwhile may have found them
+            if unknown and time.monotonic() - self._looked_up_at >= TOPIC_RECHECK_S:
+                try:
+                    listing = self._admin().list_topics()
+                    listed = await asyncio.wait_for(listing, self._timeout_s)
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    error = ConnectionError(f"Kafka topic lookup at {self._where} failed: {exc!r}")
+                    return dict.fromkeys(unknown, error)
+                self._looked_up_at = time.monotonic()
+                found = unknown.intersection(listed)
+                self._existing.update(found)
+                unknown -= found
+        return {
+            name: UnknownTopicOrPartitionError(
+                f"Kafka topic {name!r} does not exist (only configured topics are created)"
+            )
+            for name in unknown
+        }
+
+    def _admin(self) -> AIOKafkaAdminClient:
+        if self.admin is None:
+            raise ConnectionError(f"Kafka transport to {self._where} is not started or closed")
+        return self.admin
+
+
+async def send_all(
+    producer: AIOKafkaProducer, directory: TopicDirectory, messages: Sequence[Outgoing]
+) -> list[BaseException | None]:
+    """Publish `messages`; the result holds None or the exception for each, in order."""
+    results: list[BaseException | None] = [None] * len(messages)
+    ready: list[tuple[int, str, list[tuple[str, bytes]]]] = []
+    for i, message in enumerate(messages):
+        try:
+            name = kafka_topic(message.topic)
+            headers = write_headers(message.headers, message.reply_to, message.correlation)
+        except ValueError as exc:
+            results[i] = exc
+        else:
+            ready.append((i, name, headers))
+    absent = await directory.absent(name for _, name, _ in ready)
+    sent: list[tuple[int, asyncio.Future[Any]]] = []
+    for i, name, headers in ready:
+        if name in absent:
+            results[i] = absent[name]
+            continue
+        message = messages[i]
+        key = None if message.correlation is None else bytes(message.correlation)
+        try:
+            future = await producer.send(name, bytes(message.payload), key=key, headers=headers)
+        except Exception as exc:  # too large, buffer full: this message only
+            results[i] = exc
+        else:
+            sent.append((i, future))
+    outcomes = await asyncio.gather(*(f for _, f in sent), return_exceptions=True)
+    for (i, _), outcome in zip(sent, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            results[i] = outcome
+    return results
