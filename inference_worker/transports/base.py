@@ -21,7 +21,12 @@ class Delivery:
 
     `reply_to` and `correlation` carry MQTT 5 Response Topic / Correlation Data (or the
     Kafka headers of the same meaning); they take precedence over the envelope's
-    `reply_to`. `received_at` is `time.monotonic()` at receipt.
+    `reply_to`. `received_at` is `time.monotonic()` at receipt. `headers` are the
+    message's other headers / user properties (untrusted; UTF-8 with replacement); the
+    worker echoes `traceparent`. `defect` is set when the transport found the message
+    itself unusable (e.g. a Kafka header with no value, oversized headers): the worker
+    answers it `bad_request` and dead-letters it instead of decoding it, and consumption
+    goes on.
     """
 
     payload: bytes
@@ -31,6 +36,7 @@ class Delivery:
     reply_to: str | None = None
     correlation: bytes | None = None
     acker: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    defect: str | None = None
 
     def ack(self) -> None:
         """Acknowledge to the source. Idempotent; a no-op for a stale connection."""
