@@ -8,15 +8,16 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from inference_worker.auth import Authenticator, AuthMode, KeyStore, MemoryKeyStore, RedisKeyStore
 from inference_worker.fleet import Heartbeat
 from inference_worker.http import HttpEndpoint, Readiness
 from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
-from inference_worker.quota import MemoryQuota, RedisQuota, parse_weights
+from inference_worker.pipeline import Assembly, Worker
+from inference_worker.quota import MemoryQuota, Quota, RedisQuota, parse_weights
 from inference_worker.security import broker_security, state_security
 from inference_worker.serving import load_models
 from inference_worker.settings import MetricsSettings, Settings
@@ -26,7 +27,6 @@ from inference_worker.state.redis import RedisStateStore
 from inference_worker.transports import connect
 from inference_worker.transports.base import Transport, TransportOptions
 from inference_worker.transports.memory import MemoryBroker
-from inference_worker.worker import Worker
 
 log = logging.getLogger("inference_worker.app")
 
@@ -91,7 +91,14 @@ async def start_http(
     return endpoint
 
 
-def access_control(settings: Settings, state: StateStore) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AccessControl:
+    auth: Authenticator | None = None
+    quota: Quota | None = None
+    weights: Mapping[str, int] = field(default_factory=dict)
+
+
+def access_control(settings: Settings, state: StateStore) -> AccessControl:
     """API-key checks, per-app quotas and batch weights, from settings.
 
     Keys and buckets live in Redis so the whole fleet agrees; with `memory://` state
@@ -102,18 +109,18 @@ def access_control(settings: Settings, state: StateStore) -> dict[str, Any]:
     mode = AuthMode(
         {"false": "off"}.get(str(settings.auth.mode).lower(), str(settings.auth.mode).lower())
     )
-    parts: dict[str, Any] = {"weights": parse_weights(settings.quota.weights)}
+    auth = quota = None
     if mode is not AuthMode.OFF:
         store: KeyStore = RedisKeyStore(client, prefix) if client is not None else MemoryKeyStore()
-        parts["auth"] = Authenticator(store, mode, cache_ttl_s=settings.auth.cache_ttl_s)
+        auth = Authenticator(store, mode, cache_ttl_s=settings.auth.cache_ttl_s)
     if settings.quota.enabled:
         q = settings.quota
-        parts["quota"] = (
+        quota = (
             RedisQuota(client, prefix, rate=q.rate, burst=q.burst)
             if client is not None
             else MemoryQuota(rate=q.rate, burst=q.burst)
         )
-    return parts
+    return AccessControl(auth, quota, parse_weights(settings.quota.weights))
 
 
 async def run_worker(
@@ -174,17 +181,16 @@ async def _serve(
     names = sorted({m.config.name for m in models})
     readiness.models = names
     transport = worker_transport(settings, name, memory, names)
+    access = access_control(settings, state)
     worker = Worker(
-        settings,
-        transport,
-        state,
-        models,
-        name=name,
-        metrics=metrics,
-        **access_control(settings, state),
-    )
+        Assembly(
+            settings, transport, state, models, name, metrics,
+            auth=access.auth, quota=access.quota, weights=access.weights,
+        )
+    )  # fmt: skip
     await transport.start()
     readiness.transport = transport
+    readiness.pipeline = lambda: worker.healthy
     heartbeat: Heartbeat | None = None
     beating: asyncio.Task[None] | None = None
     if isinstance(state, RedisStateStore):

@@ -18,6 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from inference_worker.state.base import StateUnavailable
+
 _PREFIX = "iwk_"
 
 
@@ -85,7 +90,11 @@ class RedisKeyStore:
         pipe = self._client.pipeline(transaction=False)
         for key_id in key_ids:
             pipe.hgetall(self._name(key_id))
-        rows = await pipe.execute()
+        try:
+            rows = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            # Retried by the pipeline like a claim: one Redis blip must not stop intake.
+            raise StateUnavailable(f"API key lookup: {exc}") from None
         return {k: _decode(k, row) for k, row in zip(key_ids, rows, strict=True) if row}
 
     async def create(self, app: str) -> str:

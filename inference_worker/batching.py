@@ -1,9 +1,10 @@
 """Per-model dynamic batcher (DESIGN.md section 2, step 5).
 
 Items are queued with their arrival time; one dispatcher task turns them into batches.
-A batch leaves when it is full, when the oldest item has waited ``max_delay_s``, or on
-drain, and only while a concurrency slot is free: while every slot is busy items keep
-accumulating, so batches grow with load instead of the worker running many tiny ones.
+A batch leaves when it holds ``max_batch_size`` rows (``size_of``: an item may carry
+several), when the oldest item has waited ``max_delay_s``, or on drain, and only while a
+concurrency slot is free: while every slot is busy items keep accumulating, so batches
+grow with load instead of the worker running many tiny ones.
 
 All timing goes through the injected ``clock`` and ``sleep`` so that tests can drive time
 by hand. The dispatcher never polls: it waits on a wakeup event (submit, slot freed,
@@ -32,6 +33,15 @@ class BatchOutputMismatch(RuntimeError):
     mis-assigned, so the whole batch fails instead."""
 
 
+class DrainTimeout(TimeoutError):
+    """`drain` ran out of time; `left` are the items that were never dispatched (their
+    futures failed with BatcherClosed), so the caller can hand them on."""
+
+    def __init__(self, message: str, left: list[object]) -> None:
+        super().__init__(message)
+        self.left = left
+
+
 class DeadlineExceeded(Exception):
     """The item's deadline passed before it was dispatched; no compute was spent."""
 
@@ -42,6 +52,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[R]
     enqueued_at: float
     key: str = ""
+    size: int = 1  # rows
 
 
 class _FairQueue(Generic[T, R]):
@@ -59,6 +70,7 @@ class _FairQueue(Generic[T, R]):
         self._order: deque[str] = deque()
         self._left = 0  # entries the key at the head of `_order` may still give
         self._len = 0
+        self.rows = 0  # sum of the waiting entries' sizes
 
     def __len__(self) -> int:
         return self._len
@@ -70,6 +82,7 @@ class _FairQueue(Generic[T, R]):
             self._order.append(entry.key)
         q.append(entry)
         self._len += 1
+        self.rows += entry.size
 
     def oldest(self) -> _Entry[T, R]:
         """The entry that has waited longest (it decides the delay flush)."""
@@ -80,10 +93,14 @@ class _FairQueue(Generic[T, R]):
         for key in list(self._order):
             q = self._queues[key]
             while q and q[0].future.done():
-                q.popleft()
+                self.rows -= q.popleft().size
                 self._len -= 1
             if not q:
                 self._remove(key)
+
+    def peeknext(self) -> _Entry[T, R]:
+        """The entry `popnext` would return."""
+        return self._queues[self._order[0]][0]
 
     def popnext(self) -> _Entry[T, R]:
         key = self._order[0]
@@ -92,6 +109,7 @@ class _FairQueue(Generic[T, R]):
             self._left = max(1, self._weight(key))
         entry = q.popleft()
         self._len -= 1
+        self.rows -= entry.size
         self._left -= 1
         if not q:
             self._remove(key)
@@ -128,6 +146,7 @@ class DynamicBatcher(Generic[T, R]):
         name: str = "",
         key_of: Callable[[T], str] | None = None,
         weight_of: Callable[[str], int] = lambda _key: 1,
+        size_of: Callable[[T], int] = lambda _item: 1,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_concurrent < 1 or max_delay_s < 0:
             raise ValueError(
@@ -144,6 +163,10 @@ class DynamicBatcher(Generic[T, R]):
         self._sleep = sleep
         self.name = name
         self._key_of = key_of  # fairness key (the app); None = one FIFO
+        # Rows an item adds to a batch: `max_batch_size` bounds rows, not items, so a
+        # batch of requests that each carry several rows never exceeds what the model
+        # was declared for.
+        self._size_of = size_of
         self._queue: _FairQueue[T, R] = _FairQueue(weight_of)
         self._busy_slots = 0
         self._in_flight = 0
@@ -185,7 +208,7 @@ class DynamicBatcher(Generic[T, R]):
         self.start()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         key = self._key_of(item) if self._key_of is not None else ""
-        self._queue.append(_Entry(item, future, self._clock(), key))
+        self._queue.append(_Entry(item, future, self._clock(), key, self._size_of(item)))
         self._update_not_full()
         self._wakeup.set()
         return future
@@ -198,11 +221,14 @@ class DynamicBatcher(Generic[T, R]):
                 return future
             await self._not_full.wait()
 
-    async def wait_not_full(self) -> None:
-        """Return once there is room, or once the batcher is closed (so a paused
-        transport can resume and see :class:`BatcherClosed` from submit)."""
+    async def room(self) -> None:
+        """Return once there is room in the queue, or once the batcher is closed."""
         while self.full and not self._closed:
             await self._not_full.wait()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _update_not_full(self) -> None:
         if self._closed or not self.full:
@@ -227,18 +253,25 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             # A full queue cannot grow, so waiting for the delay would only add latency.
             due = self._queue.oldest().enqueued_at + self._max_delay
-            size_ready = len(self._queue) >= min(self._max_batch, self._max_queue)
+            size_ready = self._queue.rows >= self._max_batch or self.full
             if size_ready or self._closed or self._clock() >= due:
                 self._dispatch()
                 continue
             await self._wait_any(self._sleep(due - self._clock()), self._wakeup.wait())
 
     def _dispatch(self) -> None:
-        """Pop up to ``max_batch_size`` live items, splitting off expired ones."""
+        """Pop live items up to ``max_batch_size`` rows, splitting off expired ones.
+
+        An item larger than the whole batch still goes, alone (admission refuses those
+        for models; here it must not wedge the queue)."""
         batch: list[_Entry[T, R]] = []
         expired: list[_Entry[T, R]] = []
         now = self._clock()
-        while self._queue and len(batch) < self._max_batch:
+        rows = 0
+        while self._queue:
+            nxt = self._queue.peeknext()
+            if batch and not nxt.future.done() and rows + nxt.size > self._max_batch:
+                break
             entry = self._queue.popnext()
             if entry.future.done():
                 continue  # cancelled by the caller
@@ -247,7 +280,11 @@ class DynamicBatcher(Generic[T, R]):
             except Exception as exc:
                 entry.future.set_exception(exc)
                 continue
-            (expired if deadline is not None and deadline < now else batch).append(entry)
+            if deadline is not None and deadline < now:
+                expired.append(entry)
+            else:
+                batch.append(entry)
+                rows += entry.size
         self._update_not_full()
         if expired:
             if self._on_expired is None:
@@ -311,7 +348,8 @@ class DynamicBatcher(Generic[T, R]):
     async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Stop intake, flush the queue without waiting for the delay, and wait for every
         running batch. After ``timeout`` (by the injected sleep), items not yet dispatched
-        fail with :class:`BatcherClosed` and ``TimeoutError`` is raised; batches already
+        fail with :class:`BatcherClosed` and :class:`DrainTimeout` (a ``TimeoutError``) is
+        raised with them; batches already
         running are left to finish (their handlers own threads we cannot interrupt)."""
         self._closed = True
         self._not_full.set()
@@ -325,11 +363,13 @@ class DynamicBatcher(Generic[T, R]):
             return
         if self._dispatcher is not None:
             self._dispatcher.cancel()
+        left: list[object] = []
         while self._queue:
-            future = self._queue.popnext().future
-            if not future.done():
-                future.set_exception(BatcherClosed(self.name))
-        raise TimeoutError(f"batcher {self.name!r} did not drain in {timeout}s")
+            entry = self._queue.popnext()
+            if not entry.future.done():
+                left.append(entry.item)
+                entry.future.set_exception(BatcherClosed(self.name))
+        raise DrainTimeout(f"batcher {self.name!r} did not drain in {timeout}s", left)
 
     async def _wait_idle(self) -> None:
         """Wait for the dispatcher to empty the queue and for every batch it started.

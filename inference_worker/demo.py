@@ -20,10 +20,10 @@ import numpy as np
 
 from inference_worker.app import run_worker
 from inference_worker.client import InferenceClient
+from inference_worker.pipeline import Worker
 from inference_worker.progress import Progress
 from inference_worker.settings import Settings
 from inference_worker.transports.memory import MemoryBroker
-from inference_worker.worker import Worker
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,9 @@ class Readiness:
         self.models: list[str] = []  # set once every model is loaded and warmed up
         self.transport: Transport | None = None  # set once the broker connection is up
         self.state: StateStore | None = None  # set once the state store started
+        # False once any stage of the request path (or a transport task) has ended
+        # unexpectedly: the worker is then shutting down and must not look healthy.
+        self.pipeline: Callable[[], bool] = lambda: True
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {
@@ -54,18 +57,22 @@ class Readiness:
             "broker": self.transport is not None and broker_connected(self.transport),
             "state": False,
             "draining": self._draining(),
+            "pipeline": self.pipeline(),
         }
         if self.state is not None:
             try:
                 checks["state"] = await asyncio.wait_for(self.state.ping(), _PING_TIMEOUT_S)
             except (TimeoutError, OSError, RuntimeError, ConnectionError):
                 checks["state"] = False
-        ready = checks["models"] and checks["broker"] and checks["state"] and not checks["draining"]
+        ready = (
+            checks["models"] and checks["broker"] and checks["state"] and checks["pipeline"]
+            and not checks["draining"]
+        )  # fmt: skip
         body: dict[str, Any] = {"ready": ready, "checks": checks}
         if self.models:
             body["models"] = self.models
         if not ready:
-            failing = [k for k in ("models", "broker", "state") if not checks[k]]
+            failing = [k for k in ("models", "broker", "state", "pipeline") if not checks[k]]
             body["not_ready"] = failing + (["draining"] if checks["draining"] else [])
         return ready, body
 

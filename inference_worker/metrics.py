@@ -140,6 +140,29 @@ class Metrics:
             registry=r,
         )
 
+        self.state_errors = Counter_(
+            "iw_state_errors",
+            "State-store calls that failed with an error other than an outage, by call.",
+            ["call"],
+            registry=r,
+        )
+        self.publish_failures = Counter_(
+            "iw_publish_failures",
+            "Answers and dead letters the broker did not accept (their deliveries are acked).",
+            registry=r,
+        )
+        self.compute_timeouts = Counter_(
+            "iw_compute_timeouts",
+            "Model calls not back within worker.compute_timeout_s (counted as failed attempts).",
+            ["model"],
+            registry=r,
+        )
+        self.leases_expired = Counter_(
+            "iw_lease_max_reached",
+            "Leases not renewed because they reached state.max_lease_ms (left to expire).",
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
         return generate_latest(self.registry)

@@ -8,7 +8,7 @@ a wildcard, or another app's topic.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from inference_worker.protocol import ErrorCode, ProtocolError
@@ -51,3 +51,70 @@ def check_reply_topic(topic: str, allowed: Sequence[str], *, app: str) -> str:
         ErrorCode.BAD_REQUEST,
         f"reply topic {topic!r} is not allowed (allowed: {', '.join(allowed)})",
     )
+
+
+class ReplyPolicy:
+    """`broker.reply_to_allowed` compiled once, plus the transport's own name rules.
+
+    The common patterns are answered without walking topic levels: a plain topic is a
+    set lookup, `prefix/{app}/#` a prefix test; anything else falls back to
+    `check_reply_topic`. `transport_check` (Transport.check_topic) refuses names the
+    broker itself would refuse (too long for MQTT, illegal for Kafka), so an answer is
+    never addressed to a topic that cannot be published.
+    """
+
+    def __init__(
+        self, allowed: Sequence[str], transport_check: Callable[[str], None] | None = None
+    ) -> None:
+        self._allowed = tuple(allowed)
+        self._plain = frozenset(p for p in allowed if not _has_wildcards(p))
+        self._app_trees: list[str] = []  # "prefix/" of "prefix/{app}/#"
+        self._general: list[str] = []
+        for p in allowed:
+            if p in self._plain:
+                continue
+            head, sep, tail = p.partition("{app}")
+            if sep and tail == "/#" and not _has_wildcards(head) and "{app}" not in head:
+                self._app_trees.append(head)
+            else:
+                self._general.append(p)
+        self._transport_check = transport_check
+
+    def check(self, topic: str, *, app: str) -> str:
+        """`topic` if an answer for `app` may go there; else raise BAD_REQUEST."""
+        if not topic or _has_wildcards(topic) or topic.startswith("$") or "\x00" in topic:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"reply topic {topic!r} is not allowed")
+        if not self._matches(topic, app):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"reply topic {topic!r} is not allowed (allowed: {', '.join(self._allowed)})",
+            )
+        if self._transport_check is not None:
+            try:
+                self._transport_check(topic)
+            except ValueError as exc:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, f"reply topic cannot be published: {exc}"
+                ) from None
+        return topic
+
+    def _matches(self, topic: str, app: str) -> bool:
+        if topic in self._plain:
+            return True
+        level = app or "_"
+        if self._app_trees and not any(c in level for c in "/+#\x00") and level[0] != "$":
+            for head in self._app_trees:
+                stem = head + level
+                if topic == stem or topic.startswith(stem + "/"):
+                    return True
+        if self._general:
+            try:
+                check_reply_topic(topic, self._general, app=app)
+            except ProtocolError:
+                return False
+            return True
+        return False
+
+
+def _has_wildcards(topic: str) -> bool:
+    return "+" in topic or "#" in topic

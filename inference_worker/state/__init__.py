@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from inference_worker.state.base import (
+    Abandon,
     ClaimOutcome,
     ClaimRequest,
     ClaimResult,
@@ -29,6 +30,7 @@ from inference_worker.state.null import NullStateStore
 from inference_worker.state.redis import RedisStateStore, redact_url
 
 __all__ = [
+    "Abandon",
     "ClaimOutcome",
     "ClaimRequest",
     "ClaimResult",

@@ -54,6 +54,15 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Abandon:
+    """Give a lease back and forget the record (turned away after its claim)."""
+
+    app: str
+    id: str
+    token: str
+
+
+@dataclass(frozen=True)
 class Reclaimed:
     """A request taken over for another attempt (reaper, due retry): its lease is ours."""
 
@@ -124,6 +133,12 @@ class StateStore(Protocol):
         Returns per item whether this caller still held the lease; when it did not
         (lease expired and was re-claimed), nothing is written for that item.
         """
+        ...
+
+    async def abandon(self, items: Sequence[Abandon]) -> list[bool]:
+        """Drop pending records the caller holds, token-checked, without an answer, so a
+        resend is claimed afresh (used for requests over their app's quota: they were
+        claimed first so that a resend of an answered request gets its cached bytes)."""
         ...
 
     async def reap_expired(

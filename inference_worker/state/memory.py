@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from inference_worker.journal import JournalEntry
 from inference_worker.state.base import (
+    Abandon,
     ClaimOutcome,
     ClaimRequest,
     ClaimResult,
@@ -171,6 +172,20 @@ class MemoryStateStore:
                 out.append(True)
             else:  # done under this token: a replay of our own completion
                 out.append(True)
+        return out
+
+    async def abandon(self, items: Sequence[Abandon]) -> list[bool]:
+        now = self._now_ms()
+        out: list[bool] = []
+        for item in items:
+            key = (item.app, item.id)
+            rec = self._live(key, now)
+            if rec is None or rec.state != "pending" or rec.token != item.token:
+                out.append(False)
+                continue
+            self._unlist(key)
+            del self._records[key]
+            out.append(True)
         return out
 
     async def reap_expired(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from inference_worker.state.base import (
+    Abandon,
     ClaimOutcome,
     ClaimRequest,
     ClaimResult,
@@ -45,6 +46,9 @@ class NullStateStore:
 
     async def complete(self, items: Sequence[Completion], *, result_ttl_s: int) -> list[bool]:
         return [True] * len(items)
+
+    async def abandon(self, items: Sequence[Abandon]) -> list[bool]:
+        return [False] * len(items)
 
     async def renew(
         self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int

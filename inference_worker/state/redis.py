@@ -66,6 +66,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from inference_worker.journal import JournalEntry
 from inference_worker.security import TlsOptions, redis_kwargs
 from inference_worker.state.base import (
+    Abandon,
     ClaimOutcome,
     ClaimRequest,
     ClaimResult,
@@ -309,6 +310,14 @@ class RedisStateStore:
             args += [item.token, item.response]
         keys += [self._leases_key, self._retry_key]
         return [bool(x) for x in await self._run("complete.lua", keys, args)]
+
+    async def abandon(self, items: Sequence[Abandon]) -> list[bool]:
+        if not items:
+            return []
+        keys = [self.req_key(item.app, item.id) for item in items]
+        keys += [self._leases_key, self._retry_key]
+        args: list[Any] = [self._req_prefix, *(item.token for item in items)]
+        return [bool(x) for x in await self._run("abandon.lua", keys, args)]
 
     async def renew(
         self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int

@@ -17,6 +17,7 @@ The worker itself is unchanged: the fault points wrap the state store and the ru
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
@@ -30,9 +31,11 @@ import numpy as np
 
 import inference_worker.app as app
 from inference_worker import cli
+from inference_worker.pipeline import Assembly, Job, Worker
+from inference_worker.pipeline.compute import BatchComputer, Computed
 from inference_worker.runtimes.base import Runner
+from inference_worker.serving import ServedModel
 from inference_worker.state.base import StateStore
-from inference_worker.worker import Job, ServedModel, Worker
 
 _counts: dict[str, int] = {}
 
@@ -117,17 +120,16 @@ def main() -> int:
 
     real_init = Worker.__init__
 
-    def init(
-        self: Worker, settings: Any, transport: Any, state: StateStore, *a: Any, **kw: Any
-    ) -> None:
-        real_init(self, settings, transport, _FaultyState(state), *a, **kw)  # type: ignore[arg-type]
+    def init(self: Worker, parts: Assembly) -> None:
+        faulty = dataclasses.replace(parts, state=_FaultyState(parts.state))  # type: ignore[arg-type]
+        real_init(self, faulty)
 
-    real_compute = Worker._compute
+    real_compute = BatchComputer.__call__
     batches = itertools.count(1)
 
     def compute(
-        self: Worker, served: ServedModel, jobs: list[Job], dispatched: float
-    ) -> tuple[list[bytes], float]:
+        self: BatchComputer, served: ServedModel, jobs: Sequence[Job], dispatched: float
+    ) -> Computed:
         out = real_compute(self, served, jobs, dispatched)
         if fd is not None:
             n = next(batches)
@@ -138,7 +140,7 @@ def main() -> int:
 
     app.load_models = load_models  # type: ignore[assignment]
     Worker.__init__ = init  # type: ignore[method-assign]
-    Worker._compute = compute  # type: ignore[method-assign]
+    BatchComputer.__call__ = compute  # type: ignore[method-assign]
     return cli.main(["run", *sys.argv[1:]])
 
 

@@ -131,12 +131,13 @@ async def test_both_backends_served_by_the_worker_agree(
     """One worker hosting the ONNX model and the torch model; requests over the memory
     transport with the memory state store, answers compared sentence by sentence."""
     from inference_worker.client import InferenceClient
+    from inference_worker.pipeline import Assembly, Worker
+    from inference_worker.serving import ServedModel
     from inference_worker.settings import load_settings
     from inference_worker.state.memory import MemoryStateStore
     from inference_worker.transports import connect
     from inference_worker.transports.base import TransportOptions
     from inference_worker.transports.memory import MemoryBroker
-    from inference_worker.worker import ServedModel, Worker
 
     torch_config = dataclasses.replace(config, name=TORCH_MODEL, backend="torch")
     runners = {
@@ -156,8 +157,8 @@ async def test_both_backends_served_by_the_worker_agree(
         memory=broker,
     )
     await transport.start()
-    served = {name: ServedModel(cfg, 1, r) for name, (cfg, r) in runners.items()}
-    worker = Worker(settings, transport, state, served, name="w")
+    served = [ServedModel(cfg, 1, r) for cfg, r in runners.values()]
+    worker = Worker(Assembly(settings, transport, state, served, "w"))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.serve(stop))
     client = InferenceClient.connect("memory://", memory=broker, resend_after_s=None, timeout_s=60)

@@ -20,6 +20,7 @@ import pytest
 
 from inference_worker.client import InferenceClient
 from inference_worker.fleet import read_fleet
+from inference_worker.pipeline import Worker
 from inference_worker.security import TlsOptions
 from inference_worker.settings import Settings
 from inference_worker.state import StateAccessDenied, StateUnavailable
@@ -27,7 +28,6 @@ from inference_worker.state.base import ClaimOutcome, ClaimRequest, Completion
 from inference_worker.state.redis import RedisStateStore
 from inference_worker.transports.base import TransportOptions
 from inference_worker.transports.mqtt import MqttTransport
-from inference_worker.worker import Worker
 from tests.integration.harness import REPO, heldout, isolated_settings, worker_in_loop
 from tests.servers import Server, mosquitto_server, redis_server, require_binary
 
@@ -193,7 +193,7 @@ async def test_worker_over_mqtts_answers_a_device_on_its_own_topic(
 
 
 def worker_state(worker: Worker) -> RedisStateStore:
-    state = worker._state
+    state = worker.state
     assert isinstance(state, RedisStateStore)
     return state
 

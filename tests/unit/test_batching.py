@@ -180,7 +180,7 @@ async def test_backpressure_submit_blocks_until_dispatch() -> None:
     await settle()
     assert b.full and b.queued == 2 and b.try_submit(9) is None
     blocked = asyncio.create_task(b.submit(4))
-    waiter = asyncio.create_task(b.wait_not_full())
+    waiter = asyncio.create_task(b.room())
     await clock.advance(10.0)
     assert not blocked.done() and not waiter.done()
     h.gates[0].set()  # slot frees, [2, 3] dispatches, room appears
@@ -336,7 +336,7 @@ async def test_submit_after_drain_raises_batcher_closed() -> None:
         b.try_submit(4)
     with pytest.raises(BatcherClosed):
         await blocked  # a submitter blocked by backpressure is released, not stranded
-    await b.wait_not_full()  # returns at once when closed
+    await b.room()  # returns at once when closed
 
 
 async def test_drain_timeout_fails_undispatched_and_leaves_running_alone() -> None:

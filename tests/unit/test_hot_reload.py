@@ -11,13 +11,13 @@ import numpy as np
 
 from inference_worker.client import InferenceClient
 from inference_worker.models import ModelRepository
+from inference_worker.pipeline import Assembly, Worker
 from inference_worker.serving import load_models
 from inference_worker.settings import load_settings
 from inference_worker.state.memory import MemoryStateStore
 from inference_worker.transports import connect
 from inference_worker.transports.base import TransportOptions
 from inference_worker.transports.memory import MemoryBroker
-from inference_worker.worker import Worker
 
 DIGITS = Path(__file__).resolve().parents[2] / "config" / "models" / "digits"
 
@@ -40,7 +40,7 @@ async def test_new_version_swaps_in_under_load_and_a_broken_one_is_refused(tmp_p
     )
     await transport.start()
     worker = Worker(
-        settings, transport, MemoryStateStore(), load_models(settings.models), name="w"
+        Assembly(settings, transport, MemoryStateStore(), load_models(settings.models), "w")
     )
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.serve(stop))

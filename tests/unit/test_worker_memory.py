@@ -17,9 +17,11 @@ import pytest
 from inference_worker.client import InferenceClient
 from inference_worker.journal import JournalEntry
 from inference_worker.models import ModelRepository
+from inference_worker.pipeline import Assembly, Worker
 from inference_worker.protocol import Request, WireCodec
 from inference_worker.runtimes import load_runner
 from inference_worker.runtimes.base import Runner, TensorSpec
+from inference_worker.serving import ServedModel
 from inference_worker.settings import Settings, load_settings
 from inference_worker.state.base import ClaimRequest, StateStore
 from inference_worker.state.memory import MemoryStateStore
@@ -27,7 +29,6 @@ from inference_worker.state.null import NullStateStore
 from inference_worker.transports import connect
 from inference_worker.transports.base import TransportOptions
 from inference_worker.transports.memory import MemoryBroker
-from inference_worker.worker import ServedModel, Worker
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "config" / "models"
@@ -91,13 +92,11 @@ async def pipeline(
     )
     await transport.start()
     worker = Worker(
-        settings,
-        transport,
-        state,
-        {"digits": ServedModel(config, version, runner)},
-        name="w",
-        **worker_kwargs,
-    )
+        Assembly(
+            settings, transport, state, [ServedModel(config, version, runner)], "w",
+            **worker_kwargs,
+        )
+    )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(worker.serve(stop))
     client = InferenceClient.connect("memory://", memory=broker, resend_after_s=None, timeout_s=10)
@@ -197,9 +196,10 @@ async def test_expired_lease_of_a_dead_worker_is_taken_over() -> None:
         # What a worker that died after its claim leaves behind: a journaled lease.
         journal = JournalEntry(client.encode(req), "request_message", client.reply_to, b"corr-1")
         fingerprint = WireCodec().decode_request(journal.payload).fingerprint
-        claimed = await worker._state.claim(
-            [ClaimRequest("", "orphan", fingerprint, journal.encode())], lease_ms=50, max_attempts=3
-        )
+        claimed = await worker.state.claim(
+            [ClaimRequest("", "orphan", fingerprint, journal)],
+            nonce="dead-worker", lease_ms=50, max_attempts=3,
+        )  # fmt: skip
         assert claimed[0].outcome.value == "new"
         delivery = await asyncio.wait_for(listener.deliveries().__anext__(), 5)
         await listener.close()
@@ -305,7 +305,7 @@ async def test_backpressure_bounds_the_batcher_queue() -> None:
             for i in range(3000)
         ]
         await asyncio.sleep(0.3)
-        lane = worker._host.resolve("digits", None)
+        lane = worker.lanes.resolve("digits", None)
         queued = lane.batcher.queued
         runner.gate.set()
         replies = await asyncio.gather(*sends)
