@@ -158,6 +158,12 @@ class Worker:
         return self.intake.depth + self.lanes.waiting
 
     @property
+    def served_versions(self) -> dict[str, list[int]]:
+        """Model name → loaded versions (changes with hot reload)."""
+        host = self.lanes.host
+        return {name: host.versions(name) for name in host.names}
+
+    @property
     def healthy(self) -> bool:
         return self.failure is None
 

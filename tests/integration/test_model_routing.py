@@ -67,8 +67,7 @@ async def test_two_models_in_one_worker_and_a_fleet_routed_by_topic(
             answers = await asyncio.gather(
                 *(ask(client, m, i, via_topic=False) for m in ("alpha", "beta") for i in range(40))
             )
-        host = worker.lanes.host
-        assert {n: host.versions(n) for n in host.names} == {"alpha": [1], "beta": [1]}
+        assert worker.served_versions == {"alpha": [1], "beta": [1]}
     assert Counter(a[0] for a in answers) == {"alpha": 40, "beta": 40}
     assert sum(label == int(y[i % 40]) for i, (_, _, label) in enumerate(answers)) >= 76
 

@@ -26,6 +26,11 @@ class Clock:
         return self.now
 
 
+# Errors for requests whose app is not authenticated go only to the default topic, so
+# these clients listen there (docs/security.md).
+DEFAULT = "response_message"
+
+
 def _any_reply() -> Settings:
     """These tests are about keys and quotas, not reply scoping: any response_message/…"""
     return _settings(broker={"reply_to_allowed": ["response_message", "response_message/#"]})
@@ -41,7 +46,7 @@ async def test_required_keys_identify_the_app_and_refuse_everything_else() -> No
     key = store.create("sensor-7")
     other = MemoryKeyStore().create("sensor-7")  # well-formed, but not in this store
     auth = Authenticator(store, AuthMode.REQUIRED)
-    async with pipeline(_any_reply(), auth=auth) as (worker, client, runner, _):
+    async with pipeline(_any_reply(), auth=auth, client_reply_to=DEFAULT) as (worker, client, runner, _):
         ok = await client.send(_req(x, "k1", key))
         missing = await client.send(_req(x, "k2", None))
         wrong = await client.send(_req(x, "k3", other))
@@ -61,7 +66,7 @@ async def test_revocation_takes_effect_within_the_cache_ttl() -> None:
     key = store.create("app-a")
     clock = Clock()
     auth = Authenticator(store, AuthMode.REQUIRED, cache_ttl_s=30.0, clock=clock)
-    async with pipeline(_any_reply(), auth=auth) as (_, client, _, _):
+    async with pipeline(_any_reply(), auth=auth, client_reply_to=DEFAULT) as (_, client, _, _):
         before = await client.send(_req(x, "r1", key))
         parts = split_key(key)
         assert parts is not None
@@ -77,7 +82,7 @@ async def test_revocation_takes_effect_within_the_cache_ttl() -> None:
 async def test_optional_mode_accepts_keyless_requests_but_checks_sent_keys() -> None:
     x, _ = _digits()
     auth = Authenticator(MemoryKeyStore(), AuthMode.OPTIONAL)
-    async with pipeline(_any_reply(), auth=auth) as (_, client, _, _):
+    async with pipeline(_any_reply(), auth=auth, client_reply_to=DEFAULT) as (_, client, _, _):
         keyless = await client.send(_req(x, "o1", None, app="free"))
         bad = await client.send(_req(x, "o2", "iwk_0123456789abcdef_nope"))
     assert keyless.response.status == "ok" and keyless.response.app == "free"
@@ -109,7 +114,9 @@ async def test_keys_never_reach_logs_or_reprs(caplog: pytest.LogCaptureFixture) 
     key = store.create("app-a")
     forged = key[:-4] + "XXXX"
     caplog.set_level(logging.DEBUG)
-    async with pipeline(_any_reply(), auth=Authenticator(store, AuthMode.REQUIRED)) as (
+    async with pipeline(
+        _any_reply(), auth=Authenticator(store, AuthMode.REQUIRED), client_reply_to=DEFAULT
+    ) as (
         _,
         client,
         _,
@@ -191,7 +198,7 @@ async def test_a_key_named_app_survives_a_take_over() -> None:
         send = asyncio.create_task(client.send(_req(x, "t1", key)))
         while worker.stats.dedup["new"] < 1:
             await asyncio.sleep(0.01)
-        worker._held.clear()  # ...and is not renewed, as if its worker had stalled
+        worker.leases._held.clear()  # ...and is not renewed, as if its worker had stalled
         await asyncio.sleep(0.3)
         runner.gate.set()
         reply = await send

@@ -76,8 +76,15 @@ def _settings(**sections: dict[str, object]) -> Settings:
 
 @asynccontextmanager
 async def pipeline(
-    settings: Settings, state: StateStore | None = None, **worker_kwargs: Any
+    settings: Settings,
+    state: StateStore | None = None,
+    *,
+    client_reply_to: str | None = None,
+    **worker_kwargs: Any,
 ) -> AsyncIterator[tuple[Worker, InferenceClient, FlakyRunner, MemoryBroker]]:
+    """A worker on the memory transport and a client. `client_reply_to`: the topic the
+    client is answered on (e.g. the default response topic, where errors for requests
+    whose app is not authenticated go)."""
     repo = ModelRepository(MODELS)
     config = repo.config("digits")
     version = repo.latest_version("digits")
@@ -99,7 +106,16 @@ async def pipeline(
     )  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(worker.serve(stop))
-    client = InferenceClient.connect("memory://", memory=broker, resend_after_s=None, timeout_s=10)
+    if client_reply_to is None:
+        client = InferenceClient.connect(
+            "memory://", memory=broker, resend_after_s=None, timeout_s=10
+        )
+    else:
+        listening = TransportOptions(client_id="c", subscriptions=(client_reply_to,))
+        client = InferenceClient(
+            connect("memory://", listening, memory=broker),
+            reply_to=client_reply_to, resend_after_s=None, timeout_s=10,
+        )
     await client.start()
     try:
         yield worker, client, runner, broker
