@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from inference_worker.state import (
+    Abandon,
     ClaimOutcome,
     ClaimRequest,
     ClaimResult,
@@ -37,6 +38,7 @@ from tests.contract.state_support import (
     nonce,
     redis_store,
     req,
+    zcards,
 )
 from tests.servers import Server, free_port
 
@@ -165,6 +167,20 @@ def test_member_encoding_round_trips() -> None:
     assert member("a:b", "c") != member("a", "b:c")
     with pytest.raises(ValueError):
         parse_member("5:ab:c")
+
+
+async def test_abandon_forgets_the_record_so_a_resend_is_new(store: StateStore) -> None:
+    first = await claim1(store, req())
+    assert await store.abandon([Abandon("app", "1", "wrong")]) == [False]
+    assert await store.abandon([Abandon("app", "1", first.token or "")]) == [True]
+    assert await store.abandon([Abandon("app", "1", first.token or "")]) == [False]
+    assert await zcards(store) == (0, 0)
+    again = await claim1(store, req(fp="fp2"))  # gone entirely: even a new fingerprint
+    assert (again.outcome, again.attempts) == (ClaimOutcome.NEW, 1)
+    assert await complete1(store, req(), again.token, b"r")
+    assert await store.abandon([Abandon("app", "1", again.token or "")]) == [False]
+    assert (await claim1(store, req(fp="fp2"))).outcome is ClaimOutcome.DONE
+    assert await store.abandon([]) == []
 
 
 async def test_response_ttl_expiry_makes_it_new_again(store: StateStore, advance: Advance) -> None:

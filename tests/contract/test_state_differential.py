@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from inference_worker.state import (
+    Abandon,
     ClaimOutcome,
     ClaimRequest,
     Completion,
@@ -32,7 +33,7 @@ Handle = tuple[str, str, str, str]  # app, id, memory token, redis token
 async def test_memory_and_redis_agree_on_random_sequences(
     seed: int, redis: Server, clock: FakeClock
 ) -> None:
-    """Random claim/replay/complete/retry/renew/reap/expire sequences agree on both."""
+    """Random claim/replay/complete/abandon/retry/renew/reap/expire sequences agree."""
     rng = random.Random(seed)
     mem = MemoryStateStore(clock=clock)
     red = await redis_store(redis)
@@ -43,7 +44,7 @@ async def test_memory_and_redis_agree_on_random_sequences(
     seen: set[ClaimOutcome] = set()
     taken: set[str] = set()
     weights = {"claim": 6, "replay": 2, "complete": 2, "expire": 2, "retry": 2, "renew": 2}
-    weights |= {"reap": 2, "due": 2}
+    weights |= {"abandon": 1, "reap": 2, "due": 2}
     try:
         for step in range(120):
             op = rng.choices(list(weights), list(weights.values()))[0]
@@ -68,7 +69,7 @@ async def test_memory_and_redis_agree_on_random_sequences(
                     for r, x in zip(group, a, strict=True)
                     if x.token
                 ]
-            elif op in ("complete", "retry", "renew") and handles:
+            elif op in ("complete", "retry", "renew", "abandon") and handles:
                 picked = rng.sample(handles, min(len(handles), rng.randint(1, 3)))
                 ra, rb = await _group_op(op, rng, mem, red, picked)
                 assert ra == rb
@@ -103,6 +104,11 @@ async def _group_op(
             await red.complete(
                 [Completion(h[0], h[1], h[3], body) for h in picked], result_ttl_s=TTL
             ),
+        )
+    if op == "abandon":
+        return (
+            await mem.abandon([Abandon(*h[:3]) for h in picked]),
+            await red.abandon([Abandon(h[0], h[1], h[3]) for h in picked]),
         )
     if op == "renew":
         return (
