@@ -46,7 +46,12 @@ async def test_required_keys_identify_the_app_and_refuse_everything_else() -> No
     key = store.create("sensor-7")
     other = MemoryKeyStore().create("sensor-7")  # well-formed, but not in this store
     auth = Authenticator(store, AuthMode.REQUIRED)
-    async with pipeline(_any_reply(), auth=auth, client_reply_to=DEFAULT) as (worker, client, runner, _):
+    async with pipeline(_any_reply(), auth=auth, client_reply_to=DEFAULT) as (
+        worker,
+        client,
+        runner,
+        _,
+    ):
         ok = await client.send(_req(x, "k1", key))
         missing = await client.send(_req(x, "k2", None))
         wrong = await client.send(_req(x, "k3", other))
