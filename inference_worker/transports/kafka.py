@@ -61,8 +61,13 @@ from aiokafka.errors import KafkaError
 
 from inference_worker.transports.base import Delivery, Outgoing, TransportOptions
 from inference_worker.transports.kafka_commits import CommitLedger
-from inference_worker.transports.kafka_group import Listener, logged, pin_start_positions
-from inference_worker.transports.kafka_headers import read_headers
+from inference_worker.transports.kafka_group import (
+    Listener,
+    isolate_unreadable,
+    logged,
+    pin_start_positions,
+)
+from inference_worker.transports.kafka_headers import UNDECODABLE, ReadHeaders, read_headers
 from inference_worker.transports.kafka_publish import TopicDirectory, send_all
 from inference_worker.transports.kafka_topics import kafka_topic, mqtt_topic, subscription_pattern
 from inference_worker.transports.memory import DeliveryBuffer
@@ -363,15 +368,37 @@ class KafkaTransport:
                 log.warning("Kafka fetch from %s failed: %r; retrying", self.where, exc)
                 await asyncio.sleep(0.5)
                 continue
+            except UnicodeError:  # aiokafka could not decode a record (a header key)
+                await self._skip_unreadable(consumer, max(room, 1))
+                continue
             for tp, records in batches.items():
-                if not self._ledger.holds(tp):
-                    continue  # revoked while the fetch was in flight: the new owner reads it
                 for record in records:
                     self._deliver(tp, record)
 
+    async def _skip_unreadable(self, consumer: AIOKafkaConsumer, limit: int) -> None:
+        """Deliver the record aiokafka cannot decode as a defect (without payload: aiokafka
+        gives none) and move past it; the readable ones before it are delivered as usual."""
+        live = sorted(consumer.assignment() - consumer.paused())
+        found = await isolate_unreadable(consumer, live, self._deliver, limit=limit)
+        if found is not None:
+            tp, offset = found
+            log.warning("Kafka record %s[%d]@%d cannot be decoded", tp.topic, tp.partition, offset)
+            consumer.seek(tp, offset + 1)
+            self._put(tp, offset, b"", ReadHeaders(defect=UNDECODABLE))
+
     def _deliver(self, tp: TopicPartition, record: Any) -> None:
-        """Buffer one record as a Delivery; a record it cannot read becomes a defect."""
-        read = read_headers(record.headers)
+        value = record.value
+        self._put(
+            tp,
+            record.offset,
+            value if isinstance(value, bytes) else b"",
+            read_headers(record.headers),
+        )
+
+    def _put(self, tp: TopicPartition, offset: int, payload: bytes, read: ReadHeaders) -> None:
+        """Buffer one record as a Delivery (never raises); what it cannot use is a defect."""
+        if not self._ledger.holds(tp):
+            return  # revoked while the fetch was in flight: the new owner reads it
         defect = read.defect
         try:
             topic = mqtt_topic(tp.topic)
@@ -379,14 +406,14 @@ class KafkaTransport:
             topic, defect = tp.topic, defect or str(exc)
         self._buffer.put(
             Delivery(
-                payload=record.value if isinstance(record.value, bytes) else b"",
+                payload=payload,
                 topic=topic,
                 received_at=time.monotonic(),
                 headers=read.headers,
                 reply_to=read.reply_to,
                 correlation=read.correlation,
                 defect=defect,
-                acker=self._ledger.delivered(tp, record.offset),
+                acker=self._ledger.delivered(tp, offset),
             )
         )
 

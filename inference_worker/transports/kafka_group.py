@@ -1,11 +1,12 @@
-"""Consumer-group helpers of the Kafka transport: the rebalance listener, where a private
-group starts reading, and the guard that keeps a background task's crash visible."""
+"""Consumer-side helpers of the Kafka transport: the rebalance listener, where a private
+group starts reading, finding a record aiokafka cannot decode, and the guard that keeps a
+background task's crash visible."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -60,3 +61,37 @@ async def logged(what: str, body: Coroutine[Any, Any, None]) -> None:
     except Exception:
         log.exception("Kafka %s task died", what)
         raise
+
+
+async def isolate_unreadable(
+    consumer: AIOKafkaConsumer,
+    partitions: Iterable[TopicPartition],
+    on_record: Callable[[TopicPartition, Any], None],
+    *,
+    limit: int,
+    wait_ms: int = 500,
+) -> tuple[TopicPartition, int] | None:
+    """After aiokafka itself failed to decode a fetch (a header key that is not UTF-8
+    raises UnicodeDecodeError inside `getmany`, and would again on every retry), find the
+    record: read each partition one record at a time, handing the readable ones to
+    `on_record`, until one raises. Returns its partition and offset (the consumer's
+    position there: aiokafka had not consumed it), or None if nothing raised again.
+
+    Nothing is lost by the failed fetch: aiokafka had not moved its position, and it
+    discards the failed result. At most `limit` records are read here.
+    """
+    for tp in partitions:
+        for _ in range(max(limit, 1)):
+            try:
+                batch = await consumer.getmany(tp, timeout_ms=wait_ms, max_records=1)
+            except UnicodeError:
+                return tp, await consumer.position(tp)
+            records = batch.get(tp, [])
+            if not records:
+                break
+            for record in records:
+                on_record(tp, record)
+                limit -= 1
+            if limit <= 0:
+                return None
+    return None

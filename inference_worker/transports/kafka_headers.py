@@ -24,6 +24,8 @@ RESERVED_HEADERS = frozenset({"reply_to", "correlation_id"})
 # traceparent need, far below a size that costs memory.
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CORRELATION_BYTES = 1024
+# aiokafka itself raises on a header name that is not UTF-8 (before we see the record).
+UNDECODABLE = "Kafka record cannot be decoded (a header name that is not UTF-8?)"
 
 
 @dataclass(frozen=True)

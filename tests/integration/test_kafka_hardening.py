@@ -18,7 +18,6 @@ import pytest
 from inference_worker.protocol import ErrorCode, Limits, WireCodec
 from inference_worker.transports import Delivery, TransportOptions, connect
 from inference_worker.transports.base import Outgoing
-from tests.integration.harness import client_for, heldout, isolated_settings, worker_in_loop
 from tests.servers import Server, require_module
 
 require_module("aiokafka", "pip install -e '.[kafka]'")
@@ -34,7 +33,7 @@ from tests.integration.test_kafka_transport import (  # noqa: E402
     uid,
     until_committed,
 )
-from tests.integration.test_kafka_transport import make as make  # noqa: E402, F401
+from tests.integration.test_kafka_transport import make as make  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +93,39 @@ async def test_bad_headers_are_delivered_as_defects_and_consumption_goes_on(
     sub.ack_many(got)  # the defects are ackable like any delivery
     await until_committed(kafka, group, name, {0: len(got)})  # past every bad record
     assert sub.unacked == 0
+
+
+class _NotUtf8(str):
+    """A header name that the (pure Python) record builder writes as invalid UTF-8."""
+
+    def encode(self, *_: Any, **__: Any) -> bytes:
+        return b"\xff\xfename"
+
+
+async def test_a_header_name_aiokafka_cannot_decode_is_a_defect_not_a_stop(
+    make: Make, kafka: Server, raw: AIOKafkaProducer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka raises UnicodeDecodeError inside `getmany` for such a record, on every
+    retry: the transport finds it, delivers it as a defect and reads on."""
+    import aiokafka.producer.message_accumulator as accumulator
+    import aiokafka.producer.producer as producer_module
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    for module in (accumulator, producer_module):
+        monkeypatch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+    topic, group = f"t/{uid()}", f"g{uid()}"
+    name = topic.replace("/", ".")
+    sub = await make((topic,), shared_group=group, partitions=1)
+    await raw.send_and_wait(name, b"before")
+    await raw.send_and_wait(name, b"bad", headers=[(_NotUtf8("x"), b"v")])
+    for i in range(3):
+        await raw.send_and_wait(name, f"after{i}".encode())
+    got = await take(sub, 5)
+    assert [d.payload for d in got] == [b"before", b"", b"after0", b"after1", b"after2"]
+    assert [d.defect is not None for d in got] == [False, True, False, False, False]
+    sub.ack_many(got)
+    await until_committed(kafka, group, name, {0: 5})
+    assert all(not task.done() for task in sub.background())
 
 
 async def test_background_tasks_run_and_a_fetch_crash_ends_its_task_visibly(
@@ -173,7 +205,9 @@ async def test_tansu_auto_creates_topics_on_a_plain_producer_send(
 
 
 async def observe(kafka: Server, topic: str) -> KafkaTransport:
-    transport = connect(kafka.url, TransportOptions(client_id=f"obs-{uid()}", subscriptions=(topic,)))
+    transport = connect(
+        kafka.url, TransportOptions(client_id=f"obs-{uid()}", subscriptions=(topic,))
+    )
     assert isinstance(transport, KafkaTransport)
     await transport.start()
     return transport
@@ -187,7 +221,14 @@ async def test_worker_dead_letters_a_null_header_record_and_answers_the_rest(
     default response topic."""
     import onnxruntime
 
-    from tests.integration.harness import MODELS
+    # Imported here: the harness follows the worker's rebuild, the transport tests do not.
+    from tests.integration.harness import (
+        MODELS,
+        client_for,
+        heldout,
+        isolated_settings,
+        worker_in_loop,
+    )
 
     settings = isolated_settings(kafka.url, redis.url, models={"names": ["digits"]})
     broker = settings.broker
@@ -213,9 +254,7 @@ async def test_worker_dead_letters_a_null_header_record_and_answers_the_rest(
     try:
         async with worker_in_loop(settings), client_for(settings, resend_after_s=None) as client:
             bad = client.encode(client.make_request("digits", {"pixels": x[:1]}, id="bad-1"))
-            await producer.send_and_wait(
-                broker.request_topic, bad, headers=[("traceparent", None)]
-            )
+            await producer.send_and_wait(broker.request_topic, bad, headers=[("traceparent", None)])
             replies = await asyncio.gather(
                 *(client.infer("digits", {"pixels": x[i : i + 1]}, id=f"ok{i}", timeout_s=60)
                   for i in range(100))
