@@ -52,6 +52,7 @@ def worker_transport(
     options = TransportOptions(
         client_id=broker.client_id or name,
         subscriptions=subscriptions,
+        topics=(broker.response_topic, broker.dlq_topic),
         shared_group=broker.group,
         qos=broker.qos,
         receive_maximum=broker.receive_maximum,

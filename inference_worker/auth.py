@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from inference_worker.state.base import StateUnavailable
+from inference_worker.state.base import StateFailed, StateUnavailable
 
 _PREFIX = "iwk_"
 
@@ -95,6 +96,8 @@ class RedisKeyStore:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             # Retried by the pipeline like a claim: one Redis blip must not stop intake.
             raise StateUnavailable(f"API key lookup: {exc}") from None
+        except ResponseError as exc:
+            raise StateFailed(f"API key lookup: {exc}") from None
         return {k: _decode(k, row) for k, row in zip(key_ids, rows, strict=True) if row}
 
     async def create(self, app: str) -> str:

@@ -7,16 +7,17 @@ with `retry_after_ms` and costs no compute and no ledger entry.
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from inference_worker.state.base import StateUnavailable
+from inference_worker.state.base import StateFailed, StateUnavailable
+from inference_worker.state.scripts import script_source
 
 
 class Quota(Protocol):
@@ -32,8 +33,7 @@ class RedisQuota:
         self._prefix = prefix
         self._rate = rate
         self._burst = burst
-        source = importlib.resources.files("inference_worker.state").joinpath("quota.lua")
-        self._script = client.register_script(source.read_text())
+        self._script = client.register_script(script_source("quota.lua"))
 
     async def take(self, apps: Sequence[str]) -> list[int]:
         if not apps:
@@ -47,6 +47,8 @@ class RedisQuota:
             result = await self._script(keys=keys, args=args)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StateUnavailable(f"quota check: {exc}") from exc
+        except ResponseError as exc:
+            raise StateFailed(f"quota check: {exc}") from None
         return [int(v) for v in result]
 
 

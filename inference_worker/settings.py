@@ -307,4 +307,10 @@ def load_settings(
             sections[section_name] = _apply(
                 sections[section_name], values, f"{origin}: {section_name}"
             )
+    state = sections["state"]
+    if state.max_lease_ms < state.lease_ms:
+        raise SettingsError(
+            f"state.max_lease_ms ({state.max_lease_ms}) must be at least state.lease_ms "
+            f"({state.lease_ms})"
+        )
     return Settings(**sections)

@@ -146,7 +146,7 @@ class Admission:
         if auth is None or not drafts:
             return [None] * len(drafts)
         keys = [dr.request.key for dr in drafts]
-        return list(await self._calls.retry(lambda: auth.check(keys), "api key lookup"))
+        return list(await self._calls.persist(lambda: auth.check(keys), "api key lookup"))
 
     def _finish(self, draft: _Draft, verdict: Verdict | None) -> Job | Refusal:
         req, d = draft.request, draft.delivery

@@ -68,7 +68,7 @@ class Claims:
         items = [
             ClaimRequest(j.request.app, j.request.id, j.request.fingerprint, j.source) for j in jobs
         ]
-        results = await self._calls.retry(
+        results = await self._calls.persist(
             lambda: self._state.claim(
                 items, nonce=nonce, lease_ms=s.lease_ms, max_attempts=s.max_attempts
             ),
@@ -121,7 +121,8 @@ class Claims:
     async def _within_quota(self, jobs: list[Job]) -> list[Job]:
         quota = self._quota
         assert quota is not None
-        waits = await self._calls.retry(lambda: quota.take([j.request.app for j in jobs]), "quota")
+        apps = [j.request.app for j in jobs]
+        waits = await self._calls.persist(lambda: quota.take(apps), "quota")
         kept = [j for j, wait in zip(jobs, waits, strict=True) if wait == 0]
         over = [(j, wait) for j, wait in zip(jobs, waits, strict=True) if wait != 0]
         if not over:

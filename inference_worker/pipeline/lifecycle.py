@@ -67,7 +67,7 @@ class Worker:
         self._background: set[asyncio.Task[Any]] = set()
         self.failure: BaseException | None = None
         budget = self.budget = ByteBudget(s.worker.inflight_max_bytes)
-        calls = StateCalls(s.state)
+        calls = StateCalls(s.state, self.metrics)
         self.leases = LeaseBook(parts.state, s.state, self.metrics)
         self.intake = Intake(
             parts.transport,

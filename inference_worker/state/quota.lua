@@ -5,8 +5,7 @@
 -- Returns, per request, 0 when admitted, else the milliseconds until one token is back.
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local tokens = {}
 for i, key in ipairs(KEYS) do
   local state = redis.call('HMGET', key, 'tokens', 'ts')

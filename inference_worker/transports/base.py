@@ -66,6 +66,9 @@ class TransportOptions:
 
     client_id: str
     subscriptions: tuple[str, ...] = ()
+    # Topics the configuration names for publishing (default response topic, dead-letter
+    # topic): created at start where the transport creates topics (Kafka), nothing else.
+    topics: tuple[str, ...] = ()
     shared_group: str | None = None
     qos: int = 1
     # Upper bound on unacked messages the broker may push to us (MQTT 5 Receive Maximum).

@@ -127,7 +127,8 @@ class KafkaTransport:
                 if head[-1] == "#" and len(head) > 1 and "+" not in head:
                     plain.append(kafka_topic("/".join(head[:-1])))
         self._plain, self._patterns = plain, patterns
-        self._ensure = [*dict.fromkeys([*(kafka_topic(t) for t in ensure_topics), *plain])]
+        wanted = [*ensure_topics, *options.topics]
+        self._ensure = [*dict.fromkeys([*(kafka_topic(t) for t in wanted), *plain])]
         self._topics = TopicDirectory(
             bootstrap, partitions=partitions, lookup_timeout_s=lookup_timeout_s
         )

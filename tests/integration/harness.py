@@ -18,8 +18,8 @@ import numpy as np
 
 from inference_worker.app import run_worker
 from inference_worker.client import InferenceClient
+from inference_worker.pipeline import Worker
 from inference_worker.settings import Settings, load_settings
-from inference_worker.worker import Worker
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "config" / "models"

@@ -20,6 +20,7 @@ import pytest
 
 from inference_worker.client import InferenceClient
 from inference_worker.fleet import read_fleet
+from inference_worker.journal import JournalEntry
 from inference_worker.pipeline import Worker
 from inference_worker.security import TlsOptions
 from inference_worker.settings import Settings
@@ -271,12 +272,14 @@ async def test_redis_acl_user_claims_and_completes(acl_redis: Server, certs: Cer
     store = _store(acl_redis, certs, "iw", REDIS_PASSWORD)
     await store.start()
     try:
-        item = ClaimRequest("app", f"id-{secrets.token_hex(4)}", "fp", b"payload")
-        [claimed] = await store.claim([item], lease_ms=10_000, max_attempts=3)
+        item = ClaimRequest(
+            "app", f"id-{secrets.token_hex(4)}", "fp", JournalEntry(b"payload", "t", None, None)
+        )
+        [claimed] = await store.claim([item], nonce="n1", lease_ms=10_000, max_attempts=3)
         assert claimed.outcome is ClaimOutcome.NEW and claimed.token
         done = Completion(item.app, item.id, claimed.token, b"response")
         assert await store.complete([done], result_ttl_s=60) == [True]
-        [again] = await store.claim([item], lease_ms=10_000, max_attempts=3)
+        [again] = await store.claim([item], nonce="n2", lease_ms=10_000, max_attempts=3)
         assert again.outcome is ClaimOutcome.DONE and again.response == b"response"
         assert await store.reap_expired(lease_ms=10_000, max_attempts=3) == []
         assert await store.due_retries(lease_ms=10_000, max_attempts=3) == []
