@@ -78,19 +78,17 @@ class Admission:
 
     async def admit(self, group: Sequence[Delivery]) -> Admitted:
         refused: list[Refusal] = []
-        usable: list[Delivery] = []
-        for d in group:
-            if d.defect is not None:
-                refused.append(self._refusal(d, None, ErrorCode.BAD_REQUEST, d.defect, app=None))
-            else:
-                usable.append(d)
-        decoded: list[Request | ProtocolError] = []
-        if usable:
-            loop = asyncio.get_running_loop()
-            payloads = [d.payload for d in usable]
-            decoded = await loop.run_in_executor(self._decoder, self._decode, payloads)
+        loop = asyncio.get_running_loop()
+        payloads = [d.payload for d in group]
+        decoded = await loop.run_in_executor(self._decoder, self._decode, payloads)
         drafts: list[_Draft] = []
-        for d, result in zip(usable, decoded, strict=True):
+        for d, result in zip(group, decoded, strict=True):
+            if d.defect is not None:
+                # The transport found the message itself unusable (e.g. a header with no
+                # value): refused, addressed with what its payload says, answered only on
+                # the default topic (its headers, reply topic included, are not trusted).
+                refused.append(self._defect_refusal(d, result))
+                continue
             if isinstance(result, ProtocolError):
                 refused.append(self._decode_refusal(d, result))
                 continue
@@ -186,6 +184,20 @@ class Admission:
         return Job(req, lane, to, source, now, deadline, draft.rows, size, d)
 
     # ---- refusals ---------------------------------------------------------------------
+
+    def _defect_refusal(self, d: Delivery, decoded: Request | ProtocolError) -> Refusal:
+        assert d.defect is not None
+        default = self._broker.response_topic
+        if isinstance(decoded, Request):
+            req = decoded
+            to = Address(req.id, req.app, req.model, req.meta, default, None, req.codec)
+        else:
+            err = decoded
+            codec = err.codec or Codec.JSON
+            to = Address(
+                err.id or "", err.app or "", err.model or "", err.meta, default, None, codec
+            )
+        return Refusal(d, ErrorCode.BAD_REQUEST, d.defect, to, size=len(d.payload))
 
     def _decode_refusal(self, d: Delivery, err: ProtocolError) -> Refusal:
         app = self._established(d, err.app or "")
