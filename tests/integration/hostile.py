@@ -120,17 +120,18 @@ async def worker_in_loop(
     """Run a worker until the block ends; a worker that died meanwhile is reported by the
     test's own assertions (`crashed()`), shutdown is bounded and never hides them."""
     stop = asyncio.Event()
-    ready = asyncio.get_running_loop().create_future()
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     ports: list[int] = []
+
+    def on_ready(_worker: object) -> None:  # the worker object itself is not used
+        if not ready.done():
+            ready.set_result(None)
+
     task = asyncio.create_task(
-        run_worker(
-            settings,
-            stop,
-            on_ready=lambda _w: ready.done() or ready.set_result(None),
-            on_http=lambda http: ports.append(http.port),
-        )
+        run_worker(settings, stop, on_ready=on_ready, on_http=lambda h: ports.append(h.port))
     )
-    await asyncio.wait({task, ready}, timeout=ready_within_s, return_when=asyncio.FIRST_COMPLETED)
+    starting: set[asyncio.Future[Any]] = {task, ready}
+    await asyncio.wait(starting, timeout=ready_within_s, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()
     assert ready.done(), f"worker not ready within {ready_within_s}s"
@@ -421,9 +422,7 @@ def gate() -> Gate:
     control.open.set()
 
     # The schema is spelled out: annotations are strings here (`from __future__`).
-    @torch.library.custom_op(  # type: ignore[misc]
-        "iw_hostile::gate", mutates_args=(), schema="(Tensor x) -> Tensor"
-    )
+    @torch.library.custom_op("iw_hostile::gate", mutates_args=(), schema="(Tensor x) -> Tensor")
     def _gate(x: torch.Tensor) -> torch.Tensor:
         control.call(x.numpy())
         return x + 1
@@ -443,6 +442,6 @@ def gated_repository(root: Path, name: str = "gated") -> Path:
 
     (root / name / "1").mkdir(parents=True)
     (root / name / "config.yaml").write_text(yaml.safe_dump(GATED_CONFIG))
-    traced = torch.jit.trace(Gated(), torch.zeros(2, 4))
+    traced = torch.jit.trace(Gated(), torch.zeros(2, 4))  # type: ignore[no-untyped-call]
     torch.jit.save(traced, str(root / name / "1" / "model.pt"))
     return root

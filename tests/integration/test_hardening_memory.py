@@ -13,6 +13,7 @@ import contextlib
 import signal
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,7 +131,8 @@ async def test_size_bombs_mixed_with_good_requests_stay_within_one_request_of_me
                 sends.append(asyncio.create_task(bomb(topic, frame)))
                 sends.append(asyncio.create_task(ask(client, i)))
             load = asyncio.gather(*sends)
-            await asyncio.wait({load, guard}, timeout=150, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {load, guard}
+            await asyncio.wait(waiting, timeout=150, return_when=asyncio.FIRST_COMPLETED)
             if guard.done():  # killed: what is still pending will never be answered
                 load.cancel()
             await asyncio.gather(load, return_exceptions=True)
