@@ -133,9 +133,10 @@ class Outbox:
 
         A job whose lease was lost (expired and taken over elsewhere) is not published:
         the new holder answers it. When the store refuses the write with anything other
-        than an outage (e.g. Redis MISCONF or OOM), the answers are published anyway and
-        the leases are left to expire, so the request is re-run later instead of being
-        held for ever; that is logged and counted.
+        than an outage (e.g. Redis MISCONF or OOM) nothing is published either: the
+        leases are left to expire and the requests are re-run (or end `exhausted`) once
+        the store takes writes again, so every request is still answered once, from one
+        stored result. That is logged and counted.
         """
         ttl = self._settings.state.result_ttl_s
         items = [
@@ -152,7 +153,9 @@ class Outbox:
                 "answers not stored (leases left to expire, the requests will be re-run)",
                 extra={"count": len(jobs), "error": f"{type(exc).__name__}: {exc}"},
             )
-            held = [True] * len(jobs)
+            self._leases.let_go(jobs)
+            self.drop(jobs)
+            return
         self._leases.let_go(jobs)
         out = [_outgoing(j.to, p) for j, p, ok in zip(jobs, payloads, held, strict=True) if ok]
         lost = len(jobs) - len(out)
