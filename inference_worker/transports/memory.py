@@ -23,12 +23,12 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 from inference_worker.transports import topics
-from inference_worker.transports.base import Delivery, TransportOptions
+from inference_worker.transports.base import Delivery, Outgoing, TransportOptions
 
 
 class DeliveryBuffer:
@@ -224,6 +224,34 @@ class MemoryTransport:
             correlation=None if correlation is None else bytes(correlation),
         )
         self._broker.publish(message)
+
+    async def publish_many(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
+        results: list[BaseException | None] = []
+        for m in messages:
+            try:
+                topics.validate_publish_topic(m.topic)
+                await self.publish(
+                    m.topic,
+                    m.payload,
+                    headers=m.headers,
+                    reply_to=m.reply_to,
+                    correlation=m.correlation,
+                )
+            except (ConnectionError, ValueError) as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
+    def ack_many(self, deliveries: Iterable[Delivery]) -> None:
+        for delivery in deliveries:
+            delivery.ack()
+
+    def check_topic(self, topic: str) -> None:
+        topics.validate_publish_topic(topic)
+
+    def background(self) -> Sequence[asyncio.Task[None]]:
+        return ()  # everything happens in the callers' tasks
 
     def pause(self) -> None:
         self._buffer.pause()

@@ -17,6 +17,7 @@ configuration bugs. Rules implemented:
 from __future__ import annotations
 
 SHARE_PREFIX = "$share/"
+MAX_TOPIC_BYTES = 65_535  # an MQTT UTF-8 string's length prefix is two bytes
 
 
 def validate_topic(topic: str) -> None:
@@ -27,6 +28,15 @@ def validate_topic(topic: str) -> None:
         raise ValueError(f"topic name must not contain wildcards: {topic!r}")
     if "\x00" in topic:
         raise ValueError("topic name must not contain NUL")
+    if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        raise ValueError(f"topic name over {MAX_TOPIC_BYTES} UTF-8 bytes")
+
+
+def validate_publish_topic(topic: str) -> None:
+    """`validate_topic`, and not a `$`-topic: what a client may publish to."""
+    validate_topic(topic)
+    if topic.startswith("$"):
+        raise ValueError(f"topic name must not start with '$': {topic[:80]!r}")
 
 
 def validate_filter(topic_filter: str) -> None:
