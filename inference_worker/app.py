@@ -18,7 +18,7 @@ from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
 from inference_worker.pipeline import Assembly, Worker
 from inference_worker.quota import MemoryQuota, Quota, RedisQuota, parse_weights
-from inference_worker.security import broker_security, state_security
+from inference_worker.security import broker_security, redact_url, state_security
 from inference_worker.serving import load_models
 from inference_worker.settings import MetricsSettings, Settings
 from inference_worker.state import open_state
@@ -213,7 +213,7 @@ async def _serve(
         beating = asyncio.create_task(heartbeat.run(stop), name="iw-heartbeat")
     log.info(
         "worker ready",
-        extra={"worker": name, "models": names, "broker": _safe(settings.broker.url)},
+        extra={"worker": name, "models": names, "broker": redact_url(settings.broker.url)},
     )
     if on_ready is not None:
         on_ready(worker)
@@ -254,11 +254,3 @@ async def _watch_models(
         if stop.is_set():
             return
         await worker.reload_models(repo)
-
-
-def _safe(url: str) -> str:
-    """A URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -120,7 +120,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from inference_worker.fleet import format_table, read_fleet
-    from inference_worker.state.redis import redact_url
+    from inference_worker.security import redact_url
 
     settings = _settings(args)
     url = settings.state.url

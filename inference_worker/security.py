@@ -13,6 +13,7 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from inference_worker.settings import BrokerSettings, StateSettings
@@ -180,3 +181,16 @@ def state_security(state: StateSettings) -> dict[str, Any]:
         "password": password or None,
         "tls": TlsOptions(state.tls_ca_file, state.tls_cert_file, state.tls_key_file),
     }
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for error messages, logs and reprs (the one
+    redactor: settings, the state store and the app all use it)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from inference_worker.protocol import Limits
+from inference_worker.security import redact_url
 
 
 class SettingsError(ValueError):
@@ -32,10 +33,8 @@ def _repr_without_secrets(self: Any) -> str:
         if not f.repr:
             continue
         value = getattr(self, f.name)
-        if f.name == "url" and isinstance(value, str) and "@" in value:
-            scheme, _, rest = value.partition("://")
-            userinfo, _, host = rest.rpartition("@")
-            value = f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
+        if f.name == "url" and isinstance(value, str):
+            value = redact_url(value)
         shown.append(f"{f.name}={value!r}")
     return f"{type(self).__name__}({', '.join(shown)})"
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -64,7 +64,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inference_worker.journal import JournalEntry
-from inference_worker.security import TlsOptions, redis_kwargs
+from inference_worker.security import TlsOptions, redact_url, redis_kwargs
 from inference_worker.state.base import (
     Abandon,
     ClaimOutcome,
@@ -108,18 +108,6 @@ _CONNECT_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 10.0
 _HEALTH_CHECK_S = 30
 _RETRIES = 3
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, fit for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 # Error replies that mean "the server will answer soon" (loading its data set, running a
