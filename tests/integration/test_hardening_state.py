@@ -78,7 +78,7 @@ async def test_a_redis_outage_during_api_key_lookups_leaves_the_worker_serving(
         async with (
             worker_in_loop(settings) as worker,
             # Resends (same id, same bytes) recover requests the outage swallowed.
-            _client(settings, app="sensor", resend_after_s=2.0, timeout_s=90.0) as client,
+            _client(settings, app="sensor", resend_after_s=2.0, timeout_s=60.0) as client,
         ):
 
             async def ask(i: int) -> None:
