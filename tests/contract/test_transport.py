@@ -149,7 +149,8 @@ async def test_reply_to_correlation_headers_round_trip(make: Make) -> None:
 async def test_wildcard_subscription(make: Make) -> None:
     root = f"request_message_{uid()}"
     sub = await make((f"{root}/#",))
-    pub = await make()
+    # A publisher names the topics it publishes to (Kafka creates only those).
+    pub = await make(topics=(f"{root}/digits/app1", f"other_{root}/digits"))
     got = Collector(sub)
     await pub.publish(f"{root}/digits/app1", b"1")
     await pub.publish(f"other_{root}/digits", b"not for us")
