@@ -68,7 +68,7 @@ from inference_worker.transports.kafka_group import (
     pin_start_positions,
 )
 from inference_worker.transports.kafka_headers import UNDECODABLE, ReadHeaders, read_headers
-from inference_worker.transports.kafka_publish import TopicDirectory, send_all
+from inference_worker.transports.kafka_publish import TopicDirectory, send_all, start_producer
 from inference_worker.transports.kafka_topics import kafka_topic, mqtt_topic, subscription_pattern
 from inference_worker.transports.memory import DeliveryBuffer
 
@@ -249,28 +249,9 @@ class KafkaTransport:
         ]
 
     async def _start_producer(self) -> AIOKafkaProducer:
-        """Feature-detect the idempotent producer: the broker may refuse InitProducerId."""
-        common: dict[str, Any] = {
-            "bootstrap_servers": self.where,
-            "acks": "all",
-            "max_request_size": self._max_message_bytes,
-            **self.security_kwargs,
-        }
-        producer = AIOKafkaProducer(enable_idempotence=True, **common)
-        try:
-            await producer.start()
-            self.idempotent = True
-            return producer
-        except KafkaError as exc:
-            await producer.stop()
-            log.warning(
-                "Kafka at %s refused the idempotent producer (%r): falling back to acks=all "
-                "without idempotence; a retried send may duplicate a response",
-                self.where,
-                exc,
-            )
-        producer = AIOKafkaProducer(**common)
-        await producer.start()
+        producer, self.idempotent = await start_producer(
+            self.where, self._max_message_bytes, self.security_kwargs
+        )
         return producer
 
     async def close(self) -> None:

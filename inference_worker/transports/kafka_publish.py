@@ -17,6 +17,7 @@ for all of their acknowledgements at once; each message's failure is its own res
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from aiokafka.errors import (
 from inference_worker.transports.base import Outgoing
 from inference_worker.transports.kafka_headers import write_headers
 from inference_worker.transports.kafka_topics import kafka_topic
+
+log = logging.getLogger("inference_worker.transports.kafka")
 
 TOPIC_RECHECK_S = 1.0
 _TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
@@ -129,3 +132,31 @@ async def send_all(
         if isinstance(outcome, BaseException):
             results[i] = outcome
     return results
+
+
+async def start_producer(
+    where: str, max_message_bytes: int, security_kwargs: dict[str, Any]
+) -> tuple[AIOKafkaProducer, bool]:
+    """An `acks="all"` producer, idempotent when the broker grants it (feature-detected:
+    Tansu refuses InitProducerId). Returns the producer and whether it is idempotent."""
+    common: dict[str, Any] = {
+        "bootstrap_servers": where,
+        "acks": "all",
+        "max_request_size": max_message_bytes,
+        **security_kwargs,
+    }
+    producer = AIOKafkaProducer(enable_idempotence=True, **common)
+    try:
+        await producer.start()
+        return producer, True
+    except KafkaError as exc:
+        await producer.stop()
+        log.warning(
+            "Kafka at %s refused the idempotent producer (%r): falling back to acks=all "
+            "without idempotence; a retried send may duplicate a response",
+            where,
+            exc,
+        )
+    producer = AIOKafkaProducer(**common)
+    await producer.start()
+    return producer, False
