@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,7 +27,8 @@ from inference_worker.transports import (
     TransportOptions,
     connect,
 )
-from tests.servers import free_port, mosquitto_server
+from inference_worker.transports.base import Outgoing
+from tests.servers import Server, free_port, mosquitto_server
 
 WAIT = 20.0  # generous bound against hangs, never a performance claim
 QUIET = 0.5  # how long we look for messages that must not come
@@ -277,6 +280,90 @@ async def test_receive_maximum_bounds_unacked(make: Make) -> None:
     assert unacked(sub) == 0
 
 
+# --- batch-shaped calls, topic names, background tasks ------------------------------------
+
+# Names every transport refuses to publish to: empty, wildcards, NUL, `$`-topics, and a
+# name over MQTT's 65,535 UTF-8 bytes (66,000 here, in two-byte characters).
+UNPUBLISHABLE = ["", "a/+/b", "a/#", "#", "a\x00b", "$SYS/x", "é" * 33_000]
+
+
+async def test_check_topic_refuses_names_the_broker_would(make: Make) -> None:
+    transport = await make()
+    transport.check_topic(f"response_message/app1/{uid()}")
+    for topic in UNPUBLISHABLE:
+        with pytest.raises(ValueError):
+            transport.check_topic(topic)
+
+
+async def test_publish_many_returns_one_result_per_message_in_order(make: Make) -> None:
+    good = [f"t/{uid()}", f"t/{uid()}"]
+    sub = await make(tuple(good))
+    pub = await make(topics=tuple(good))
+    got = Collector(sub)
+    messages = [
+        Outgoing(good[0], b"first", reply_to="r/1", correlation=b"c1", headers={"h": "1"}),
+        Outgoing("bad/+/topic", b"refused"),
+        Outgoing(good[1], b"third"),
+    ]
+    results = await asyncio.wait_for(pub.publish_many(messages), WAIT)
+    assert len(results) == 3
+    assert results[0] is None and results[2] is None, results
+    assert isinstance(results[1], ValueError), results
+    items = await got.wait_for(2)
+    await asyncio.sleep(QUIET)
+    assert sorted((d.topic, d.payload) for d in got.items) == sorted(
+        [(good[0], b"first"), (good[1], b"third")]
+    )
+    first = next(d for d in items if d.payload == b"first")
+    assert (first.reply_to, first.correlation, dict(first.headers)) == ("r/1", b"c1", {"h": "1"})
+    assert all(d.defect is None for d in got.items)
+    assert await pub.publish_many([]) == []
+
+
+async def test_publish_many_after_close_returns_errors_instead_of_raising(make: Make) -> None:
+    topic = f"t/{uid()}"
+    pub = await make(topics=(topic,))
+    await pub.close()
+    results = await asyncio.wait_for(
+        pub.publish_many([Outgoing(topic, b"1"), Outgoing(topic, b"2")]), WAIT
+    )
+    assert len(results) == 2 and all(isinstance(r, Exception) for r in results), results
+
+
+async def test_ack_many_settles_every_delivery_once(make: Make) -> None:
+    topic = f"t/{uid()}"
+    sub = await make((topic,), receive_maximum=3)
+    pub = await make()
+    got = Collector(sub, auto_ack=False)
+    for i in range(3):
+        await pub.publish(topic, f"a{i}".encode())
+    first = await got.wait_for(3)
+    assert unacked(sub) == 3
+    sub.ack_many(first[:3])
+    assert unacked(sub) == 0
+    sub.ack_many(first[:3])  # idempotent, like ack()
+    sub.ack_many([])
+    assert unacked(sub) == 0
+    for i in range(3):
+        await pub.publish(topic, f"b{i}".encode())
+    items = await got.wait_for(6)
+    sub.ack_many(iter(items[3:]))  # any iterable
+    assert unacked(sub) == 0
+    assert sorted(d.payload for d in items) == sorted(
+        [f"a{i}".encode() for i in range(3)] + [f"b{i}".encode() for i in range(3)]
+    )
+
+
+async def test_background_tasks_run_until_close(make: Make) -> None:
+    sub = await make((f"t/{uid()}",))
+    tasks = list(sub.background())
+    assert all(isinstance(t, asyncio.Task) for t in tasks)
+    await asyncio.sleep(QUIET)
+    assert not [t for t in tasks if t.done()], "a background task ended while running"
+    await sub.close()
+    assert all(t.done() for t in tasks)
+
+
 # --- factory -----------------------------------------------------------------------------
 
 
@@ -359,6 +446,93 @@ async def test_mqtt_survives_broker_restart() -> None:
             await got.stop()
             await sub.close()
             await pub.close()
+
+
+async def _mqtt_pair(url: str, topic: str, **kw: Any) -> tuple[MqttTransport, MqttTransport]:
+    quick = TransportOptions(client_id="", reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
+    sub = connect(url, dataclasses.replace(quick, client_id=f"s-{uid()}", subscriptions=(topic,)))
+    pub = connect(url, dataclasses.replace(quick, client_id=f"p-{uid()}"))
+    assert isinstance(sub, MqttTransport) and isinstance(pub, MqttTransport)
+    await sub.start()
+    await pub.start()
+    return sub, pub
+
+
+async def test_mqtt_acks_of_a_previous_connection_are_fenced_after_a_forced_reconnect(
+    mosquitto: Server,
+) -> None:
+    topic = f"t/{uid()}"
+    sub, pub = await _mqtt_pair(mosquitto.url, topic)
+    got = Collector(sub, auto_ack=False)
+    try:
+        await pub.publish(topic, b"before")
+        (old,) = await got.wait_for(1)
+        generation, task = sub.generation, sub.background()[0]
+        # Drop the TCP connection under paho: the transport must notice and reconnect.
+        sock = sub._client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)
+
+        async def probe() -> None:
+            while not any(d.payload == b"probe" for d in got.items):
+                await pub.publish(topic, b"probe")
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(probe(), WAIT)  # reconnected and resubscribed by itself
+        assert sub.generation > generation and sub.connected
+        assert not task.done() and sub.background() == (task,)
+        old.ack()  # stale: its connection is gone, must not ack a new message
+        old.ack()
+        assert sub.stale_acks == 1
+        sub.ack_many(got.items[1:])
+        assert sub.unacked == 0 and sub.stale_acks == 1
+        seen = len(got.items)
+        await pub.publish(topic, b"after")
+        items = await got.wait_for(seen + 1)
+        assert b"after" in [d.payload for d in items[seen:]]
+    finally:
+        await got.stop()
+        await sub.close()
+        await pub.close()
+
+
+async def test_mqtt_transport_runs_on_the_event_loop_thread_only(mosquitto: Server) -> None:
+    before = set(threading.enumerate())
+    topic = f"t/{uid()}"
+    sub, pub = await _mqtt_pair(mosquitto.url, topic)
+    got = Collector(sub)
+    try:
+        await asyncio.gather(*(pub.publish(topic, f"m{i}".encode()) for i in range(50)))
+        await got.wait_for(50)
+        started = set(threading.enumerate()) - before
+        assert not started, f"the MQTT transport started threads: {started}"
+    finally:
+        await got.stop()
+        await sub.close()
+        await pub.close()
+    assert set(threading.enumerate()) - before == set()
+
+
+async def test_mqtt_publish_many_isolates_a_topic_paho_refuses(mosquitto: Server) -> None:
+    topic = f"t/{uid()}"
+    sub, pub = await _mqtt_pair(mosquitto.url, topic)
+    got = Collector(sub)
+    try:
+        too_long = "é" * 33_000  # 66,000 UTF-8 bytes: no MQTT topic holds that
+        results = await asyncio.wait_for(
+            pub.publish_many(
+                [Outgoing(topic, b"1"), Outgoing(too_long, b"2"), Outgoing(topic, b"3")]
+            ),
+            WAIT,
+        )
+        assert results[0] is None and results[2] is None, results
+        assert isinstance(results[1], ValueError), results
+        items = await got.wait_for(2)
+        assert [d.payload for d in items] == [b"1", b"3"]
+    finally:
+        await got.stop()
+        await sub.close()
+        await pub.close()
 
 
 def test_options_are_frozen() -> None:
