@@ -247,7 +247,8 @@ async def serving(
         ),
         name="hardening-worker",
     )
-    await asyncio.wait({task, ready}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {task, ready}
+    await asyncio.wait(waiting, timeout=120, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()
         raise AssertionError("run_worker returned before it was ready")

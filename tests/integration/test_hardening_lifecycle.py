@@ -10,6 +10,7 @@ duplicated, wrong); waits are bounded so that a hang fails, and nothing asserts 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -103,14 +104,12 @@ async def test_hot_reload_under_steady_load_answers_every_request_exactly_once(
             await asyncio.gather(*senders)
         crashed = w.task.exception() if w.task.done() else None
         duplicates = client.duplicates
-        leases = await _redis(redis.url)
-        try:
-            key = f"{settings.state.prefix}leases"
-            await wait_until(lambda: _zcard_is_zero(leases, key), 30, f"{key} empty")
-        finally:
-            await leases.aclose()
+        leases_left = await _leases_after_traffic(redis.url, settings.state.prefix)
 
-    print(ledger.summary(), f"duplicates {duplicates}, versions {sorted(set(versions_seen))}")
+    print(
+        ledger.summary(),
+        f"duplicates {duplicates}, versions {sorted({v for v in versions_seen if v})}",
+    )
     assert crashed is None and not w.task.cancelled(), (
         f"the worker died during reloads: {crashed!r}"
     )
@@ -122,10 +121,23 @@ async def test_hot_reload_under_steady_load_answers_every_request_exactly_once(
         int(labels[rows[i]]) for i in answered
     ]
     assert 6 in versions_seen, "the last version never served"
+    assert leases_left == 0, f"{leases_left} leases still held after the traffic stopped"
 
 
 async def _zcard_is_zero(client: aioredis.Redis, key: str) -> bool:
     return int(await client.zcard(key)) == 0
+
+
+async def _leases_after_traffic(url: str, prefix: str, within_s: float = 30.0) -> int:
+    """Leases left in Redis once they had `within_s` to be released (0 when all were)."""
+    client = await _redis(url)
+    key = f"{prefix}leases"
+    try:
+        with contextlib.suppress(AssertionError):
+            await wait_until(lambda: _zcard_is_zero(client, key), within_s, f"{key} empty")
+        return int(await client.zcard(key))
+    finally:
+        await client.aclose()
 
 
 async def test_retired_version_whose_drain_times_out_leaves_no_lease_renewed(
@@ -159,27 +171,32 @@ async def test_retired_version_whose_drain_times_out_leaves_no_lease_renewed(
         add_version(root, "digits", 2)
         shutil.rmtree(root / "digits" / "1")
         w.reload.set()
-        probe = await ledger.send(
-            client, "probe", client.encode(_marked(client, "probe", 99)), "ok"
-        )
-        assert probe is not None and probe.response.version == 2, "version 2 never served"
+        # Probes until one is answered by version 2 (earlier ones may still be admitted to
+        # version 1 while version 2 loads: they must be answered too).
+        probes: list[asyncio.Task[Any]] = []
+        for i in range(60):
+            payload = client.encode(_marked(client, f"p{i}", 100 + i))
+            probes.append(asyncio.create_task(ledger.send(client, f"p{i}", payload, "ok")))
+            await asyncio.sleep(0.5)
+            if any(r.response.version == 2 for r in ledger.replies.values()):
+                break
+        swapped = any(r.response.version == 2 for r in ledger.replies.values())
         await asyncio.sleep(2.0)  # past the retired lane's drain timeout
         control.open_all()
-        await asyncio.gather(*stuck)
+        await asyncio.gather(*stuck, *probes)
+        leases_left = await _leases_after_traffic(redis.url, settings.state.prefix)
         store = await _redis(redis.url)
         try:
-            p = settings.state.prefix
-            await wait_until(
-                lambda: _zcard_is_zero(store, f"{p}leases"), 30, "every lease released"
-            )
-            retries = int(await store.zcard(f"{p}retry"))
+            retries = int(await store.zcard(f"{settings.state.prefix}retry"))
         finally:
             await store.aclose()
         duplicates = client.duplicates
     print(ledger.summary())
     assert ledger.lost == [], f"never answered: {ledger.lost}"
     assert duplicates == 0
+    assert swapped, "version 2 never answered"
     assert ledger.wrong(lambda _, got: got in honest) == []
+    assert leases_left == 0, f"{leases_left} leases still renewed after the traffic stopped"
     assert retries == 0
 
 
