@@ -34,6 +34,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -90,11 +91,15 @@ class MqttTransport:
             connect_timeout_s=connect_timeout_s,
             on_message=self._on_message,
             on_publish=self._on_publish,
+            on_window=self._release,
         )
         self._client = self._conn.client
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buffer = DeliveryBuffer()
+        # QoS 1 publishes handed to paho, by mid, until their PUBACK (at most the window),
+        # and those held back because the window is full, in order.
         self._pending: dict[int, asyncio.Future[None]] = {}
+        self._held: deque[tuple[Outgoing, Properties | None, asyncio.Future[None]]] = deque()
         # Unacked QoS 1 deliveries of connection `_counted`; another generation has none.
         self._counted = 0
         self._unacked = 0
@@ -156,8 +161,9 @@ class MqttTransport:
             return
         self._closed = True  # from here on every ack is stale
         self._buffer.close()
-        if self._pending:
-            await asyncio.wait(list(self._pending.values()), timeout=self._close_timeout_s)
+        waiting = [*self._pending.values(), *(f for _, _, f in self._held)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self._close_timeout_s)
         await self._conn.close(min(1.0, self._close_timeout_s))
         self._fail_pending(ConnectionError(f"MQTT transport to {self.where} closed"))
 
@@ -221,14 +227,16 @@ class MqttTransport:
     # --- publishing --------------------------------------------------------------------
 
     def _queue(self, message: Outgoing) -> asyncio.Future[None] | None:
-        """Hand one PUBLISH to paho; the future (QoS 1) completes with its PUBACK.
+        """Hand one PUBLISH to paho, or hold it while the window is full; the future
+        (QoS 1) completes with its PUBACK.
 
-        Raises ValueError for a topic paho refuses (wildcards, over 65,535 bytes) and
-        ConnectionError when closed or paho refuses to queue it.
+        Raises ValueError for a topic no broker accepts (wildcards, NUL, over 65,535
+        bytes) and ConnectionError when closed or paho refuses to queue it.
         """
-        client, loop = self._client, self._loop
+        loop = self._loop
         if loop is None or self._closed:
             raise ConnectionError(f"MQTT transport to {self.where} is not started or closed")
+        topics.validate_topic(message.topic)
         props = None  # most responses carry none: skip building a Properties object
         if message.reply_to is not None or message.correlation is not None or message.headers:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -238,35 +246,59 @@ class MqttTransport:
                 props.CorrelationData = bytes(message.correlation)
             if message.headers:
                 props.UserProperty = [(str(k), str(v)) for k, v in message.headers.items()]
+        if self._options.qos == 0:
+            self._send(message, props)
+            return None
+        future: asyncio.Future[None] = loop.create_future()
+        if self._held or len(self._pending) >= self._conn.window:
+            self._held.append((message, props, future))
+        else:
+            self._pending[self._send(message, props)] = future
+        return future
+
+    def _send(self, message: Outgoing, props: Properties | None) -> int:
+        """paho's publish; its mid. With QoS 1 and no connection (NO_CONN) paho keeps the
+        message and sends it after the reconnect."""
         qos = self._options.qos
-        info = client.publish(message.topic, message.payload, qos=qos, properties=props)
-        # NO_CONN with QoS 1: paho keeps the message and sends it after reconnecting.
+        info = self._client.publish(message.topic, message.payload, qos=qos, properties=props)
         queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         if not queued and not (qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise ConnectionError(
                 f"publish to {message.topic[:200]!r} failed: {paho.error_string(info.rc)}"
             )
-        if qos == 0:
-            return None
-        # The PUBACK can only arrive in a later loop_read(): register before returning.
-        future = loop.create_future()
-        self._pending[info.mid] = future
-        return future
+        return info.mid
+
+    def _release(self) -> None:
+        """Send held publishes while the window has room (after a PUBACK or a CONNACK)."""
+        held, pending = self._held, self._pending
+        while held and len(pending) < self._conn.window and not self._closed:
+            message, props, future = held.popleft()
+            if future.done():  # its caller gave up
+                continue
+            try:
+                pending[self._send(message, props)] = future
+            except ConnectionError as exc:
+                future.set_exception(exc)
 
     def _on_publish(
         self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode, _p: Any
     ) -> None:
         future = self._pending.pop(mid, None)
-        if future is None or future.done():
-            return
-        if reason.is_failure:
-            future.set_exception(ConnectionError(f"MQTT broker {self.where} rejected: {reason}"))
-        else:
-            future.set_result(None)
+        if future is None:
+            return  # a QoS 0 publish written out
+        if not future.done():
+            if reason.is_failure:
+                error = ConnectionError(f"MQTT broker {self.where} rejected: {reason}")
+                future.set_exception(error)
+            else:
+                future.set_result(None)
+        if self._held:
+            self._release()
 
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        held, self._held = self._held, deque()
+        for future in [*pending.values(), *(f for _, _, f in held)]:
             if not future.done():
                 future.set_exception(error)
 
