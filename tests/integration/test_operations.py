@@ -34,10 +34,10 @@ from paho.mqtt.properties import Properties
 from inference_worker.app import run_worker
 from inference_worker.http import HttpEndpoint
 from inference_worker.models import ModelRepository
+from inference_worker.pipeline import Worker
 from inference_worker.runtimes import load_runner
 from inference_worker.settings import Settings
 from inference_worker.state.redis import RedisStateStore
-from inference_worker.worker import Worker
 from tests.integration.harness import (
     MODELS,
     REPO,

@@ -173,7 +173,9 @@ async def test_kafka_sasl_ssl_options_reach_admin_producer_and_consumer(
             raise RuntimeError("stop here")
 
     monkeypatch.setattr(kafka_module, "AIOKafkaAdminClient", lambda **k: Fake("admin", **k))
-    monkeypatch.setattr(kafka_module, "AIOKafkaProducer", lambda **k: Fake("producer", **k))
+    from inference_worker.transports import kafka_publish
+
+    monkeypatch.setattr(kafka_publish, "AIOKafkaProducer", lambda **k: Fake("producer", **k))
     monkeypatch.setattr(kafka_module, "AIOKafkaConsumer", lambda **k: Fake("consumer", **k))
     with pytest.raises(RuntimeError, match="stop here"):
         await transport.start()
