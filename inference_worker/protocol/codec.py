@@ -104,11 +104,11 @@ class WireCodec:
         # Errors are returned, not raised, from here down: the raise in the public
         # method then starts a traceback that holds none of the frames below.
         try:
-            codec, obj = self._load(raw)
+            codec, obj, containers = self._load(raw)
         except Exception as exc:
             return _settled(exc)
         try:
-            return self._validator.request(obj, codec)
+            return self._validator.request(obj, codec, containers)
         except Exception as exc:
             err = _settled(exc)
         err.codec = codec
@@ -117,11 +117,13 @@ class WireCodec:
 
     def _response(self, raw: bytes) -> Response | ProtocolError:
         try:
-            return self._validator.response(self._load(raw)[1])
+            _, obj, containers = self._load(raw)
+            return self._validator.response(obj, containers)
         except Exception as exc:
             return _settled(exc)
 
-    def _load(self, raw: bytes) -> tuple[Codec, dict[str, Any]]:
+    def _load(self, raw: bytes) -> tuple[Codec, dict[str, Any], int]:
+        """The message's codec, its top-level map and a bound on the containers in it."""
         if not isinstance(raw, bytes | bytearray | memoryview):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "payload must be bytes")
         limit = self.limits.max_compressed_bytes
@@ -131,21 +133,23 @@ class WireCodec:
         codec = detect_codec(raw)
         try:
             if codec is Codec.JSON:
-                obj = load_json(raw, max_slots=self._slot_budget)
+                obj, containers = load_json(raw, max_slots=self._slot_budget)
             elif codec is Codec.ZSTD:
-                obj = unpack_msgpack(
+                obj, containers = unpack_msgpack(
                     decompress_frame(self._dctx, raw, **self._zstd_caps),  # freed on return
                     max_slots=self._slot_budget,
                     **self._msgpack_caps,
                 )
             else:
-                obj = unpack_msgpack(raw, max_slots=self._slot_budget, **self._msgpack_caps)
+                obj, containers = unpack_msgpack(
+                    raw, max_slots=self._slot_budget, **self._msgpack_caps
+                )
         except WireError as exc:
             code = ErrorCode.TOO_LARGE if exc.too_large else ErrorCode.BAD_REQUEST
             raise ProtocolError(code, str(exc), codec=codec) from None
         if not isinstance(obj, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "message must be a map", codec=codec)
-        return codec, obj
+        return codec, obj, containers
 
     # ---- encoding -------------------------------------------------------------------
 

@@ -126,13 +126,15 @@ def unpack_msgpack(
     max_str_len: int,
     max_array_len: int,
     max_map_len: int,
-) -> Any:
-    """``msgpack.unpackb`` with every limit explicit (its defaults scale with the input).
-    Nesting is bounded here only by msgpack's own stack (1024); the envelope layer holds
-    the result to ``Limits.max_depth`` with :func:`check_depth`."""
+) -> tuple[Any, int]:
+    """``msgpack.unpackb`` with every limit explicit (its defaults scale with the input),
+    and an upper bound on the maps and arrays in the result (the slots they use), so
+    :func:`check_depth` can be skipped for a message too small to be deep. Nesting is
+    bounded here only by msgpack's own stack (1024); the envelope layer holds the result
+    to ``Limits.max_depth``."""
     slots = _Slots(max_slots)
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             payload,
             raw=False,
             strict_map_key=True,
@@ -158,17 +160,20 @@ def unpack_msgpack(
         )
     except Exception as exc:
         _fail(f"msgpack: {type(exc).__name__}")
+    return value, max_slots - slots.left
 
 
-def load_json(raw: bytes, *, max_slots: int) -> Any:
-    """``json.loads`` with the number of items bounded before it runs; nesting is bounded
-    here only by the interpreter's recursion limit (see :func:`unpack_msgpack`)."""
+def load_json(raw: bytes, *, max_slots: int) -> tuple[Any, int]:
+    """``json.loads`` with the number of items bounded before it runs, and an upper bound
+    on the objects and arrays in the result (as :func:`unpack_msgpack`); nesting is
+    bounded here only by the interpreter's recursion limit."""
     # Items materialised <= commas + brackets; counting them runs at memchr speed and
     # bounds the Python objects json.loads can create before it runs.
-    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > max_slots:
+    containers = raw.count(b"[") + raw.count(b"{")
+    if raw.count(b",") + containers > max_slots:
         _fail("too many JSON items", too_large=True)
     try:
-        return json.loads(raw)
+        return json.loads(raw), containers
     except RecursionError:
         _fail("JSON nested too deeply")
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit

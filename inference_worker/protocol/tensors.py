@@ -38,6 +38,10 @@ _NONFINITE_IN: Mapping[object, float] = MappingProxyType(
 )
 _NUMBER_TYPES = frozenset({int, float})
 _DTYPE_CHOICES = ", ".join(DTYPES)
+# The dtype field of the fingerprint, length prefix included, per wire dtype.
+_DTYPE_FIELD: Mapping[str, bytes] = MappingProxyType(
+    {name: len(name).to_bytes(8, "little") + name.encode() for name in DTYPES}
+)
 
 
 class TensorError(WireError):
@@ -174,23 +178,27 @@ def fingerprint(model: str, version: int | None, inputs: Mapping[str, Array]) ->
     Every field is length-prefixed so that no two different requests share a byte stream.
     Decoded binary tensors are already wire-contiguous views of the received bytes, so
     they are hashed in place, without a copy. sha256 rather than blake2b: with SHA CPU
-    extensions it hashes ~2.4x faster here (32 MiB: 23 ms vs 55 ms), and large tensors
+    extensions it hashes ~2x faster here (32 MiB: 23 ms vs 44 ms), and large tensors
     make this the costliest step of decode.
     """
     h = hashlib.sha256()
-    update = h.update
-
-    def field(value: bytes) -> None:
-        update(len(value).to_bytes(8, "little"))
-        update(value)
-
-    field(model.encode("utf-8", "surrogatepass"))
-    field(b"" if version is None else str(version).encode())
+    head = [_field(model.encode("utf-8", "surrogatepass"))]
+    head.append(_field(b"" if version is None else str(version).encode()))
     for name in sorted(inputs):
         arr = wire_contiguous(inputs[name])
-        field(name.encode("utf-8", "surrogatepass"))
-        field(dtype_name(arr.dtype).encode())
-        field(",".join(map(str, arr.shape)).encode())
-        update(arr.nbytes.to_bytes(8, "little"))
-        update(arr.data)
+        head += (
+            _field(name.encode("utf-8", "surrogatepass")),
+            _DTYPE_FIELD[dtype_name(arr.dtype)],
+            _field(",".join(map(str, arr.shape)).encode()),
+            arr.nbytes.to_bytes(8, "little"),
+        )
+        h.update(b"".join(head))  # the small fields in one call, the data in place
+        h.update(arr.data)
+        head.clear()
+    if head:
+        h.update(b"".join(head))
     return h.hexdigest()[:32]
+
+
+def _field(value: bytes) -> bytes:
+    return len(value).to_bytes(8, "little") + value

@@ -73,7 +73,9 @@ class Validator:
         if type(v) is not int or v != 1:
             _fail(ErrorCode.BAD_REQUEST, "unsupported format version 'v'")
 
-    def _depth(self, obj: dict[str, Any]) -> None:
+    def _depth(self, obj: dict[str, Any], containers: int) -> None:
+        if containers <= self.limits.max_depth:
+            return  # too few maps and arrays to nest that deep: skip the walk
         try:
             check_depth(obj, max_depth=self.limits.max_depth)
         except WireError as exc:
@@ -117,9 +119,10 @@ class Validator:
 
     # ---- messages ---------------------------------------------------------------------
 
-    def request(self, obj: dict[str, Any], codec: Codec) -> Request:
+    def request(self, obj: dict[str, Any], codec: Codec, containers: int) -> Request:
+        """``containers``: an upper bound on the maps and arrays in ``obj``."""
         lim = self.limits
-        self._depth(obj)
+        self._depth(obj, containers)
         self._version(obj)
         rid, model = self._required(obj, "id"), self._required(obj, "model")
         version = self._int(obj, "version", 1)
@@ -151,9 +154,9 @@ class Validator:
         with contextlib.suppress(ProtocolError):
             exc.meta = self.meta(obj.get("meta"))
 
-    def response(self, obj: dict[str, Any]) -> Response:
+    def response(self, obj: dict[str, Any], containers: int) -> Response:
         lim = self.limits
-        self._depth(obj)
+        self._depth(obj, containers)
         self._version(obj)
         status = obj.get("status")
         if status not in ("ok", "error"):

@@ -13,7 +13,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from inference_worker.protocol import Limits, ProtocolError, WireCodec
+    from inference_worker.protocol import Limits, ProtocolError, Request, WireCodec
 
 # Small caps keep each input cheap; the checks are the same code paths as the defaults.
 LIMITS = Limits(
@@ -30,6 +30,12 @@ def test_one(data: bytes) -> None:
     for decode in (CODEC.decode_request, CODEC.decode_response):
         with contextlib.suppress(ProtocolError):
             decode(data)
+    # The batch form never raises, and hands out errors with no traceback to keep alive.
+    for result in CODEC.decode_requests([data, data[: len(data) // 2]]):
+        if isinstance(result, ProtocolError):
+            assert result.__traceback__ is None and result.__context__ is None
+        else:
+            assert isinstance(result, Request)
 
 
 def main() -> None:
