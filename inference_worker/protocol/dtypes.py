@@ -1,7 +1,8 @@
 """The one table of tensor dtypes the wire carries (DESIGN.md section 5).
 
-Model configs and runtimes import :data:`DTYPE_NAMES` rather than keeping their own
-lists, so a dtype added here is added everywhere or fails loudly where it is missing.
+Whatever needs to know which dtypes exist (model config checks, the runtimes' maps to
+their own dtype types) is meant to derive its set from :data:`DTYPE_NAMES`, so that a
+dtype is added or removed in one place.
 """
 
 from __future__ import annotations

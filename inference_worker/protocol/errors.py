@@ -29,9 +29,11 @@ class ProtocolError(Exception):
     """A message that cannot be served, with whatever addressing fields could be read so
     the worker can still send an error response (attributes may be filled in later).
 
-    Errors returned or raised by :class:`~inference_worker.protocol.WireCodec` hold no
-    traceback frames of the decoder and no ``__context__``, so keeping one alive (a
-    reject waiting for its publish) does not keep a decompression buffer alive.
+    An error returned by :class:`~inference_worker.protocol.WireCodec` has no traceback,
+    cause or context; one it raises has a traceback that starts at the public method
+    (whose locals are the caller's payload and the error). Neither reaches a frame that
+    held a decompression buffer or decoded tensors, so keeping the error alive (a reject
+    waiting for its publish) keeps kilobytes alive, not megabytes.
     """
 
     def __init__(

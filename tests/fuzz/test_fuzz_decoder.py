@@ -36,8 +36,10 @@ def _seeds(corpus: Path) -> None:
         )
         ok = Response(id="seed", status="ok", outputs=tensors, model="digits", version=1)
         err = Response(id="seed", status="error", error=ErrorInfo(ErrorCode.TOO_LARGE, "m"))
+        timed = Request(id="seed", model="digits", inputs=tensors, ttl_ms=500, codec=c)
         for payload in (
             codec.encode_request(req, c),
+            codec.encode_request(timed, c),
             codec.encode_response(ok, c),
             codec.encode_response(err, c),
         ):
