@@ -257,7 +257,11 @@ async def run_kafka(args: argparse.Namespace, factory: RequestFactory) -> dict[s
 
     bootstrap = kafka_bootstrap(args.url)
     cid = f"bench-load-{uuid.uuid4().hex[:10]}"
-    reply = f"response_message.{cid}"
+    # The Kafka name of MQTT-style `response_message/_/<cid>`: the worker maps `.` to `/`
+    # and checks the result against the default reply_to_allowed (response_message/{app}/#,
+    # `_` for a request without an app). `response_message.<cid>` would read back as
+    # `response_message/<cid>`, which the allow-list refuses (e2e 0 req/s).
+    reply = f"response_message._.{cid}"
     topic = args.topic.replace("/", ".")
     await ensure_kafka_topics(bootstrap, {reply: 1, topic: args.partitions})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
