@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from inference_worker.protocol import ErrorCode, ProtocolError
+from inference_worker.protocol import DTYPE_NAMES, ErrorCode, ProtocolError
 from inference_worker.runtimes.base import TensorSpec
 
 CONFIG_FILE = "config.yaml"
@@ -34,22 +34,7 @@ ARTIFACT_FILES: Mapping[str, tuple[str, ...]] = {
 }
 PRECISIONS = frozenset({"fp32", "fp16", "bf16"})
 # The wire format's tensor dtypes (DESIGN.md section 5); a model can declare no other.
-ALLOWED_DTYPES = frozenset(
-    [
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-    ]
-)
+ALLOWED_DTYPES = frozenset(DTYPE_NAMES)
 # Model names appear in topics (`request_message/<model>`) and paths: no '/', '+', '#'.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _KNOWN_KEYS = frozenset(

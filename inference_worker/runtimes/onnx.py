@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from inference_worker.protocol import DTYPE_NAMES
 from inference_worker.runtimes.base import OrtOptions, TensorSpec
 
 if TYPE_CHECKING:
@@ -40,18 +41,7 @@ _GRAPH_LEVELS = {
 }
 # ONNX Runtime's type strings for the dtypes a model config may declare.
 _ORT_TYPES: Mapping[str, str] = {
-    "tensor(bool)": "bool",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(uint8)": "uint8",
-    "tensor(uint16)": "uint16",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-    "tensor(float16)": "float16",
-    "tensor(float)": "float32",
-    "tensor(double)": "float64",
+    f"tensor({ {'float32': 'float', 'float64': 'double'}.get(n, n)})": n for n in DTYPE_NAMES
 }
 # ORT's own default for its process-wide logger (kWARNING); see _quiet_default_logger.
 _ORT_DEFAULT_SEVERITY = 2

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from inference_worker.protocol import DTYPE_NAMES
 from inference_worker.runtimes.base import TensorSpec
 
 if TYPE_CHECKING:
@@ -43,20 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The dtypes a model config may declare, as torch dtypes (uint16/32/64 need torch >= 2.3).
-_TORCH_DTYPES: Mapping[str, torch.dtype] = {
-    "bool": torch.bool,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "uint16": torch.uint16,
-    "uint32": torch.uint32,
-    "uint64": torch.uint64,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
+_TORCH_DTYPES: Mapping[str, torch.dtype] = {n: getattr(torch, n) for n in DTYPE_NAMES}
 PRECISIONS: Mapping[str, torch.dtype | None] = {
     "fp32": None,  # run the module as exported
     "fp16": torch.float16,
