@@ -84,6 +84,29 @@ async def client_for(settings: Settings, **kwargs: Any) -> AsyncIterator[Inferen
         await client.close()
 
 
+@asynccontextmanager
+async def default_topic_client(settings: Settings, **kwargs: Any) -> AsyncIterator[InferenceClient]:
+    """A client answered on the default response topic: where errors for requests whose app
+    is not authenticated go (docs/security.md), whatever reply topic they asked for."""
+    from inference_worker.transports import connect
+    from inference_worker.transports.base import TransportOptions
+
+    kwargs.setdefault("timeout_s", 30.0)
+    topic = settings.broker.response_topic
+    options = TransportOptions(client_id=f"dflt-{uuid.uuid4().hex[:8]}", subscriptions=(topic,))
+    client = InferenceClient(
+        connect(settings.broker.url, options),
+        reply_to=topic,
+        request_topic=settings.broker.request_topic,
+        **kwargs,
+    )
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The same settings as IW_* variables, for a worker child process."""
     env = dict(os.environ)

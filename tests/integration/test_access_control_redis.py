@@ -13,7 +13,14 @@ import pytest
 from inference_worker.protocol import Request
 from inference_worker.quota import RedisQuota
 from inference_worker.state.redis import RedisStateStore
-from tests.integration.harness import REPO, client_for, heldout, isolated_settings, worker_in_loop
+from tests.integration.harness import (
+    REPO,
+    client_for,
+    default_topic_client,
+    heldout,
+    isolated_settings,
+    worker_in_loop,
+)
 from tests.servers import Server
 
 pytestmark = pytest.mark.integration
@@ -46,13 +53,18 @@ async def test_keys_from_the_cli_gate_a_worker_on_real_servers(
     def req(id_: str, key_: str | None) -> Request:
         return Request(id=id_, model="digits", inputs={"pixels": x[3:4]}, key=key_)
 
-    async with worker_in_loop(settings), client_for(settings, resend_after_s=None) as client:
+    async with (
+        worker_in_loop(settings),
+        client_for(settings, resend_after_s=None) as client,
+        # Errors for unauthenticated requests are answered only on the default topic.
+        default_topic_client(settings, resend_after_s=None) as refused,
+    ):
         ok = await client.send(req("a1", key))
-        nokey = await client.send(req("a2", None))
+        nokey = await refused.send(req("a2", None))
         revoked = _keys(redis.url, prefix, "revoke", "--key-id", listed[0]["key_id"])
         assert revoked.returncode == 0, revoked.stdout + revoked.stderr
         await asyncio.sleep(0.3)  # past auth.cache_ttl_s
-        after = await client.send(req("a3", key))
+        after = await refused.send(req("a3", key))
     assert ok.response.status == "ok" and ok.response.app == "sensor-7"
     assert int(ok.response.outputs["label"][0]) == int(y[3])  # type: ignore[index]
     assert nokey.response.error is not None and nokey.response.error.code.value == "unauthorized"

@@ -154,7 +154,9 @@ async def test_health_readiness_and_metrics_over_http(mosquitto: Server, redis: 
         status, ctype, body = await aget(w.port, "/readyz")
         ready = json.loads(body)
         assert status == 200 and ctype == "application/json", ready
-        assert ready["checks"] == {"models": True, "broker": True, "state": True, "draining": False}
+        assert ready["checks"] == {
+            "models": True, "broker": True, "state": True, "pipeline": True, "draining": False,
+        }  # fmt: skip
         assert "digits" in ready["models"]
 
         n = 20
