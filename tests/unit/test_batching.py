@@ -98,6 +98,20 @@ async def test_size_flush_dispatches_at_once() -> None:
     await b.drain()
 
 
+async def test_max_batch_size_bounds_rows_not_items() -> None:
+    """Items carrying several rows (size_of): a batch never holds more than max_batch_size
+    rows, and a full batch's worth of rows flushes at once."""
+    clock, h = FakeClock(), Handler()
+    rows = {1: 3, 2: 3, 3: 2, 4: 1, 5: 4}
+    b = make(h, clock, max_batch_size=4, size_of=lambda item: rows[item])
+    futs = [await b.submit(i) for i in rows]
+    await clock.advance(2.0)
+    await b.drain()
+    assert [f.result() for f in futs] == [i * 10 for i in rows]
+    assert all(sum(rows[i] for i in batch) <= 4 for batch in h.batches), h.batches
+    assert [i for batch in h.batches for i in batch] == list(rows)
+
+
 async def test_delay_flush_exactly_at_boundary_not_before() -> None:
     clock, h = FakeClock(), Handler()
     b = make(h, clock, max_batch_size=10, max_delay_s=1.0)
