@@ -73,6 +73,36 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "the worker's Kafka transport: Tansu holds each empty fetch that long)",
     )
     p.add_argument(
+        "--replicas",
+        default="1",
+        help="comma list of worker process counts to measure e2e with (`run --replicas N`; "
+        "1 is always measured), e.g. 1,2",
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        help="comma list of peer systems to measure on the same model file (ray: Ray Serve, "
+        "needs the `peers` extra, see benchmarks/peers/__init__.py)",
+    )
+    p.add_argument(
+        "--peer-python",
+        default=None,
+        help="interpreter that runs the peers (a venv with the `peers` extra; default: this one)",
+    )
+    p.add_argument(
+        "--worker-src",
+        metavar="DIR",
+        default=None,
+        help="run the worker under test from this checkout (e.g. `git archive` of an older "
+        "commit) instead of this repository: before/after from one run",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a short check that every phase answers: mqtt and kafka, digits, 2 s windows, no "
+        "raw/naive; exit 1 when a phase answers nothing (CI runs it)",
+    )
+    p.add_argument(
         "--skip",
         default="",
         help="comma list of phases to leave out: nodedup, naive, relay, raw, open",

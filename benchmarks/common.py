@@ -28,7 +28,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from inference_worker.models import ModelConfig, ModelRepository
+from inference_worker.models import ModelConfig, ModelRepository, discover_versions
 from inference_worker.protocol import Codec, Limits, Request, WireCodec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,6 +104,31 @@ def models_root(names: list[str]) -> Iterator[Path]:
 
 def model_config(root: Path, name: str) -> ModelConfig:
     return ModelRepository(root).config(name)
+
+
+def latest_version(root: Path, name: str) -> int:
+    """The newest version of `name` that has a model file (what the worker serves by default)."""
+    versions = discover_versions(root / name)
+    if not versions:
+        raise ModelUnavailable(f"model {name!r} has no version with a model file")
+    return versions[-1]
+
+
+def reply_topic(client_id: str) -> str:
+    """The load generator's reply topic, MQTT-style: `response_message/_/<client_id>`.
+
+    The worker checks every reply topic in this form against `reply_to_allowed` (default
+    `response_message/{app}/#`, `_` standing for a request without an app); over Kafka the
+    same name travels as `kafka_name(...)` (`response_message._.<id>`), which the worker's
+    Kafka transport maps back to it.
+    """
+    return f"response_message/_/{client_id}"
+
+
+def kafka_name(topic: str) -> str:
+    """The Kafka name of an MQTT-style topic (`a/b` → `a.b`), as the worker's Kafka transport
+    maps it (for the plain names the bench uses: no `.dlq` suffix, no empty level)."""
+    return topic.replace("/", ".")
 
 
 def samples(root: Path, name: str) -> list[dict[str, np.ndarray]]:

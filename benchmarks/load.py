@@ -41,7 +41,9 @@ from benchmarks.common import (
     ResponseReader,
     ensure_kafka_topics,
     kafka_bootstrap,
+    kafka_name,
     no_delay,
+    reply_topic,
 )
 
 
@@ -150,6 +152,9 @@ class Recorder:
                 self.closed_rps() if a.mode == "closed" else self.answered / a.duration, 1
             ),
             "rps_fixed_window": round(self.answered / a.duration, 1),
+            # Every matched answer, warm-up and drain included: the denominator of the
+            # CPU-per-request figures, whose /proc readings span the whole run.
+            "answered_total": len(self.arrivals),
             "unanswered_at_exit": len(self.pending),
             "unmatched": self.unmatched,
             "send_errors": self.send_errors,
@@ -192,7 +197,7 @@ def run_mqtt(args: argparse.Namespace, factory: RequestFactory) -> dict[str, Any
 
     host, _, port = args.url.partition("://")[2].rstrip("/").rpartition(":")
     cid = f"bench-load-{uuid.uuid4().hex[:10]}"
-    reply = f"response_message/_/{cid}"  # default reply_to_allowed: response_message/{app}/#
+    reply = reply_topic(cid)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=paho.MQTTv5)
     client.on_socket_open = no_delay
     client.max_inflight_messages_set(max(1000, 2 * args.concurrency))
@@ -257,12 +262,10 @@ async def run_kafka(args: argparse.Namespace, factory: RequestFactory) -> dict[s
 
     bootstrap = kafka_bootstrap(args.url)
     cid = f"bench-load-{uuid.uuid4().hex[:10]}"
-    # The Kafka name of MQTT-style `response_message/_/<cid>`: the worker maps `.` to `/`
-    # and checks the result against the default reply_to_allowed (response_message/{app}/#,
-    # `_` for a request without an app). `response_message.<cid>` would read back as
-    # `response_message/<cid>`, which the allow-list refuses (e2e 0 req/s).
-    reply = f"response_message._.{cid}"
-    topic = args.topic.replace("/", ".")
+    # `response_message.<cid>` would read back as `response_message/<cid>`, which the
+    # default allow-list refuses (the bench then measured e2e 0 req/s): see reply_topic.
+    reply = kafka_name(reply_topic(cid))
+    topic = kafka_name(args.topic)
     await ensure_kafka_topics(bootstrap, {reply: 1, topic: args.partitions})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     # No consumer group: the reply partition is assigned by hand (no group join wait).

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ensure_kafka_topics, kafka_bootstrap, no_delay
+from benchmarks.common import ensure_kafka_topics, kafka_bootstrap, latest_version, no_delay
 from inference_worker.models import ModelRepository
 from inference_worker.protocol import Limits, ProtocolError, Response, Timing, WireCodec
 from inference_worker.runtimes import load_runner
@@ -35,7 +35,7 @@ class Handler:
         repo = ModelRepository(root)
         self.runners: dict[str, tuple[Runner, int]] = {}
         for name in repo.names():
-            version = repo.latest_version(name)
+            version = latest_version(root, name)
             runner = load_runner(
                 repo.config(name),
                 repo.artifact_path(name, version),

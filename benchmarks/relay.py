@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from benchmarks.common import ensure_kafka_topics, kafka_bootstrap, no_delay
+from benchmarks.common import ensure_kafka_topics, kafka_bootstrap, kafka_name, no_delay
 
 
 def relay_mqtt(url: str, topic: str) -> None:
@@ -68,7 +68,7 @@ async def relay_kafka(url: str, topic: str, fetch_max_wait_ms: int) -> None:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     bootstrap = kafka_bootstrap(url)
-    name = topic.replace("/", ".")
+    name = kafka_name(topic)
     await ensure_kafka_topics(bootstrap, {name: 4})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     consumer = AIOKafkaConsumer(
