@@ -195,7 +195,10 @@ LATENCY_COLS = ["p50_ms", "p99_ms", "p99_added_ms"]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    extra = sorted({k for r in rows for k in r if re.match(r"(e2e|cpu)_r\d", k)})
+    extra = sorted(
+        {k for r in rows for k in r if re.match(r"(e2e|cpu)_r\d", k)},
+        key=lambda k: (int(re.findall(r"\d+", k)[0]), not k.startswith("e2e")),
+    )
     peers = sorted({k for r in rows for k in r if k.endswith("_rps") and k[:-4] in ("ray",)})
     cols = BASE_COLS + extra + TAIL_COLS + peers + LATENCY_COLS
 
