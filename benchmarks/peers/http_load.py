@@ -22,7 +22,7 @@ import numpy as np
 async def closed_loop(
     url: str, bodies: list[bytes], concurrency: int, warmup: float, duration: float
 ) -> dict[str, Any]:
-    import aiohttp
+    import aiohttp  # type: ignore[import-not-found, unused-ignore]
 
     start = time.monotonic()
     lo, hi = start + warmup, start + warmup + duration

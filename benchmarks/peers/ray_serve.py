@@ -40,8 +40,8 @@ def free_port() -> int:
 def build_app(model_path: str) -> Any:
     """The Serve application: one deployment, batched onnxruntime inference."""
     import numpy as np
-    from ray import serve
-    from starlette.requests import Request
+    from ray import serve  # type: ignore[import-not-found, unused-ignore]
+    from starlette.requests import Request  # type: ignore[import-not-found, unused-ignore]
 
     @serve.deployment(num_replicas=1, max_ongoing_requests=MAX_ONGOING_REQUESTS)
     class OnnxModel:
@@ -52,7 +52,8 @@ def build_app(model_path: str) -> Any:
             self.input = self.session.get_inputs()[0].name
             self.outputs = [o.name for o in self.session.get_outputs()]
 
-        @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+        # Ray's decorators are untyped: mypy sees infer as untyped
+        @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)  # type: ignore[untyped-decorator, unused-ignore]
         async def infer(self, rows: list[Any]) -> list[dict[str, Any]]:
             batch = np.concatenate(rows).astype(np.float32, copy=False)
             results = self.session.run(self.outputs, {self.input: batch})
@@ -63,7 +64,10 @@ def build_app(model_path: str) -> Any:
 
         async def __call__(self, request: Request) -> dict[str, Any]:
             body = await request.json()
-            return await self.infer(np.asarray(body[self.input], dtype=np.float32))
+            answer: dict[str, Any] = await self.infer(
+                np.asarray(body[self.input], dtype=np.float32)
+            )
+            return answer
 
     return OnnxModel.bind(model_path)  # type: ignore[attr-defined]
 
@@ -95,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in MODES.items():  # read by Ray Serve when it is imported and started
         os.environ[key] = value
     import numpy as np
-    import ray
-    from ray import serve
+    import ray  # type: ignore[import-not-found, unused-ignore]
+    from ray import serve  # type: ignore[import-not-found, unused-ignore]
 
     model = args.model_dir / "1" / "model.onnx"
     samples = args.model_dir / "heldout.npz"
