@@ -1,47 +1,24 @@
 """Kafka transport on aiokafka: consumer groups, commits of acked records only, backpressure.
 
-Topic names. The worker speaks MQTT-style names; `kafka_topics` maps them one-to-one
-(`request_message/digits` is Kafka `request_message.digits`; a `.` inside a level is
-refused, except the `.dlq` suffix) and turns wildcard filters into regex subscriptions that
-never match a last level `dlq`. New topics show up on metadata refresh
-(`metadata_max_age_ms`).
+The details live beside the code that does them: topic names (`kafka_topics`: one-to-one
+with MQTT-style names, wildcards as regex subscriptions that never match `dlq`), topic
+creation and sends (`kafka_publish`: only configured topics are created; a publish to a
+missing one fails fast), commits (`kafka_commits`: only the contiguous acked prefix, acks
+fenced by assignment generation), headers (`kafka_headers`: untrusted; a bad record
+becomes a `Delivery` with `defect`, so consumption goes on) and groups (`kafka_group`).
 
-Topic creation (`kafka_publish`). `start()` creates the topics the configuration names
-(`ensure_topics`, MQTT-style names: by default request, response and dead-letter topics;
-the plain subscriptions; the parent `a` of a filter `a/#`) and nothing else. A publish to
-any other topic that does not exist fails fast and creates nothing.
+Groups. With `options.shared_group` the consumer joins that group, starting a new group
+at the earliest offset. Without it the transport acts as a plain subscription: a group of
+its own starting at the end of its first partitions and at the beginning of topics that
+appear later, positions committed at once so a rebalance cannot skip.
 
-Groups. With `options.shared_group` the consumer joins that group, and a new group starts
-at the earliest offset (no request sent before the fleet's first start is skipped).
-Without it the transport acts as a plain subscription: a group of its own (unique per
-instance) starting at the end of its first partitions ("latest"), and at the beginning of
-topics that appear later (all of that came after we subscribed). Those start positions are
-committed at once so that a rebalance of the private group cannot reset them and skip.
-
-Commits (`kafka_commits`). Auto-commit is off; only acked records are committed, acks in
-any order; every `commit_interval_s`, on revocation (rebalance listener) and on close. An
-ack from an earlier assignment generation of its partition is ignored.
-
-Records. Headers are untrusted (`kafka_headers`): nothing a record holds can raise out of
-`_deliver`; a bad one becomes a `Delivery` with `defect` set (payload kept, ackable), so
-the worker dead-letters it and consumption goes on. The fetch and commit tasks are
-`background()`: an unexpected exception is logged and ends the task (the worker watches
-them); a `KafkaError` while fetching is retried.
-
-Backpressure. Beyond `options.receive_maximum` unacked records, `options.buffer` waiting
-ones, or while `pause()` holds, all assigned partitions are paused; the consumer keeps
-polling (poll interval and heartbeats stay alive) and the event loop never blocks.
-
-Producer. `acks="all"`; the idempotent producer is feature-detected at start (Tansu refuses
-InitProducerId: warn and go on without). Key: the `correlation` bytes when given (replies
-to one request stay in one partition), else None, so unkeyed requests spread over
-partitions and a group splits them; order holds per partition only.
-
-Security. `options.security` gives `security_protocol` (PLAINTEXT, SSL, SASL_PLAINTEXT,
-SASL_SSL), the SASL mechanism (SCRAM-SHA-256/512, PLAIN) with username and password, and
-the TLS files (an `ssl_context` from `aiokafka.helpers.create_ssl_context`, TLS ≥ 1.2,
-hostname checked); the same keyword arguments (`security_kwargs`) go to the admin client,
-the producer and the consumer.
+The fetch and commit tasks are `background()`: an unexpected exception is logged and ends
+the task (the worker watches them); a `KafkaError` while fetching is retried. Beyond
+`options.receive_maximum` unacked records, `options.buffer` waiting ones, or while
+`pause()` holds, all assigned partitions are paused while the consumer keeps polling.
+The producer uses `acks="all"` (idempotent when the broker grants it), keyed by the
+`correlation` bytes when given. `options.security` gives the same SASL/TLS keyword
+arguments (`security_kwargs`) to the admin client, the producer and the consumer.
 """
 
 from __future__ import annotations
