@@ -46,13 +46,19 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to publish (see `Transport.publish_many`)."""
+    """One message to publish (see `Transport.publish_many`).
+
+    `retain` asks the broker to keep the message as the topic's last value for later
+    subscribers (MQTT retained message; an empty retained payload clears it). Transports
+    without retained messages map it to their nearest equivalent or ignore it (see each).
+    """
 
     topic: str
     payload: bytes
     reply_to: str | None = None
     correlation: bytes | None = None
     headers: Mapping[str, str] | None = None
+    retain: bool = False
 
 
 @dataclass(frozen=True)

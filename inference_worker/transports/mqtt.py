@@ -260,7 +260,9 @@ class MqttTransport:
         """paho's publish; its mid. With QoS 1 and no connection (NO_CONN) paho keeps the
         message and sends it after the reconnect."""
         qos = self._options.qos
-        info = self._client.publish(message.topic, message.payload, qos=qos, properties=props)
+        info = self._client.publish(
+            message.topic, message.payload, qos=qos, retain=message.retain, properties=props
+        )
         queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
         if not queued and not (qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise ConnectionError(
