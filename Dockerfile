@@ -19,7 +19,9 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY inference_worker ./inference_worker
-RUN pip install ".[kafka]"
+# The client distribution first: the worker depends on it and it is not on PyPI.
+COPY client ./client
+RUN pip install ./client ".[kafka]"
 COPY config ./config
 
 # Run unprivileged. Settings: config/worker.yaml, overridden by IW_<SECTION>__<KEY>.

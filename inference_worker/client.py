@@ -1,74 +1,32 @@
-"""Request/response over pub/sub: publish a request, await the response with its id.
+"""The client on the worker's own transports (``memory://`` included).
 
-Each client listens on its own reply topic (`response_message/<app>/<client id>` by
-default, `_` for no app: the worker's default `reply_to_allowed` admits only
-`response_message/{app}/#`, so one app cannot send responses into another's topic) and
-correlates by request id. An unanswered request is resent with the same id and the
-same bytes: the worker's idempotency ledger turns a resend into a cached answer (or a
-no-op while the first copy is being computed), so resending is always safe.
+The client itself lives in the light ``inference-worker-client`` distribution
+(:mod:`inference_worker_client`), which a backend service installs without the worker.
+This module is that client with one difference: ``connect()`` builds the worker's
+transports (:func:`inference_worker.transports.connect`), so the worker's tests, the demo
+and ``inference-worker send`` can use an in-process ``memory://`` broker and a whole
+:class:`~inference_worker.security.TransportSecurity` (Kafka SASL/SSL settings).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import threading
-import time
-import uuid
-from collections.abc import Mapping
-from concurrent.futures import Future as ThreadFuture
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from inference_worker_client.client import InferenceClient as LightInferenceClient
+from inference_worker_client.client import Reply, reply_address
+from inference_worker_client.client import SyncInferenceClient as LightSyncInferenceClient
 
-from inference_worker.protocol import Codec, Limits, ProtocolError, Request, Response, WireCodec
 from inference_worker.security import TlsOptions, TransportSecurity
-from inference_worker.transports import connect
-from inference_worker.transports.base import Transport, TransportOptions
+from inference_worker.transports import connect as connect_transport
+from inference_worker.transports.base import TransportOptions
 from inference_worker.transports.memory import MemoryBroker
 
-
-@dataclass(frozen=True)
-class Reply:
-    """A response as received: decoded, raw bytes, and what it took to get it."""
-
-    response: Response
-    raw: bytes
-    latency_s: float  # first publish → response
-    sends: int  # 1 + resends
+__all__ = ["InferenceClient", "Reply", "SyncInferenceClient"]
 
 
-class InferenceClient:
-    """Async client. Use `InferenceClient.connect(url)` or pass a started-later transport."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        *,
-        reply_to: str,
-        request_topic: str = "request_message",
-        app: str = "",
-        codec: Codec = Codec.ZSTD,
-        limits: Limits | None = None,
-        timeout_s: float = 30.0,
-        resend_after_s: float | None = 5.0,
-    ) -> None:
-        self._transport = transport
-        self.reply_to = reply_to
-        self.request_topic = request_topic
-        self.app = app
-        self.codec = codec
-        self._wire = WireCodec(limits or Limits())
-        self.timeout_s = timeout_s
-        self.resend_after_s = resend_after_s
-        self._pending: dict[str, asyncio.Future[tuple[bytes, Response]]] = {}
-        self._listener: asyncio.Task[None] | None = None
-        self.duplicates = 0  # responses for ids nobody waits for any more
-        self.undecodable = 0
-        # Responses that could not be matched to a pending id (e.g. an error for a
-        # request whose id was unreadable). Bounded so a noisy topic cannot grow memory.
-        self.unmatched: collections.deque[Response] = collections.deque(maxlen=1000)
+class InferenceClient(LightInferenceClient):
+    """:class:`inference_worker_client.InferenceClient` whose ``connect()`` builds the
+    worker's transports."""
 
     @classmethod
     def connect(
@@ -98,171 +56,14 @@ class InferenceClient:
             security = TransportSecurity(username=username, password=password, tls=tls)
         elif username or password or tls_ca_file or tls_cert_file or tls_key_file:
             raise ValueError("pass either security= or username/password/tls_* arguments")
-        client_id = client_id or f"iw-client-{uuid.uuid4().hex[:12]}"
-        reply_to = f"{response_topic}/{kwargs.get('app') or '_'}/{client_id}"
+        client_id, reply_to = reply_address(client_id, response_topic, kwargs.get("app"))
         options = TransportOptions(
             client_id=client_id, subscriptions=(reply_to,), security=security
         )
-        return cls(connect(url, options, memory=memory), reply_to=reply_to, **kwargs)
-
-    async def start(self) -> None:
-        await self._transport.start()
-        self._listener = asyncio.create_task(self._listen(), name="iw-client-listen")
-
-    async def close(self) -> None:
-        await self._transport.close()
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("client closed"))
-        self._pending.clear()
-
-    async def __aenter__(self) -> InferenceClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def make_request(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        *,
-        id: str | None = None,
-        version: int | None = None,
-        deadline_ms: int | None = None,
-        meta: Mapping[str, Any] | None = None,
-        key: str | None = None,
-    ) -> Request:
-        return Request(
-            id=id or uuid.uuid4().hex,
-            model=model,
-            inputs=dict(inputs),
-            app=self.app,
-            key=key,
-            version=version,
-            deadline_ms=deadline_ms,
-            meta=meta,
-            codec=self.codec,
-        )
-
-    def encode(self, request: Request) -> bytes:
-        return self._wire.encode_request(request, request.codec)
-
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> Response:
-        timeout_s = kwargs.pop("timeout_s", None)
-        request = self.make_request(model, inputs, **kwargs)
-        return (await self.send(request, timeout_s=timeout_s)).response
-
-    async def send(self, request: Request, *, timeout_s: float | None = None) -> Reply:
-        """Publish `request`, resending the same bytes until answered or timed out."""
-        return await self.send_raw(request.id, self.encode(request), timeout_s=timeout_s)
-
-    async def send_raw(
-        self,
-        request_id: str,
-        payload: bytes,
-        *,
-        topic: str | None = None,
-        timeout_s: float | None = None,
-    ) -> Reply:
-        """Send already-encoded request bytes whose envelope id is `request_id`."""
-        loop = asyncio.get_running_loop()
-        fut = self._pending.get(request_id)
-        if fut is None:
-            fut = self._pending[request_id] = loop.create_future()
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        started = time.monotonic()
-        give_up = started + timeout
-        sends = 0
-        try:
-            while True:
-                await self._transport.publish(
-                    topic or self.request_topic, payload, reply_to=self.reply_to
-                )
-                sends += 1
-                remaining = give_up - time.monotonic()
-                wait = (
-                    remaining
-                    if self.resend_after_s is None
-                    else min(remaining, self.resend_after_s)
-                )
-                if wait <= 0:
-                    raise TimeoutError(
-                        f"no response for {request_id} after {timeout:.1f}s ({sends} sends)"
-                    )
-                try:
-                    raw, response = await asyncio.wait_for(asyncio.shield(fut), wait)
-                except TimeoutError:
-                    if time.monotonic() >= give_up:
-                        raise TimeoutError(
-                            f"no response for {request_id} after {timeout:.1f}s ({sends} sends)"
-                        ) from None
-                    continue
-                return Reply(response, raw, time.monotonic() - started, sends)
-        finally:
-            if self._pending.get(request_id) is fut:
-                del self._pending[request_id]
-
-    async def _listen(self) -> None:
-        async for delivery in self._transport.deliveries():
-            delivery.ack()
-            try:
-                response = self._wire.decode_response(delivery.payload)
-            except ProtocolError:
-                self.undecodable += 1
-                continue
-            fut = self._pending.get(response.id)
-            if fut is None:
-                if response.id:
-                    self.duplicates += 1
-                else:
-                    self.unmatched.append(response)
-            elif not fut.done():
-                fut.set_result((delivery.payload, response))
-            else:
-                self.duplicates += 1
+        return cls(connect_transport(url, options, memory=memory), reply_to=reply_to, **kwargs)
 
 
-class SyncInferenceClient:
-    """Blocking wrapper for scripts and notebooks: runs the async client on its own loop."""
+class SyncInferenceClient(LightSyncInferenceClient):
+    """The blocking wrapper, on the worker's transports."""
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="iw-client-loop", daemon=True
-        )
-        self._thread.start()
-        self._client = self._call(self._make(url, kwargs))
-
-    async def _make(self, url: str, kwargs: dict[str, Any]) -> InferenceClient:
-        client = InferenceClient.connect(url, **kwargs)
-        await client.start()
-        return client
-
-    def _call(self, coro: Any) -> Any:
-        fut: ThreadFuture[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return fut.result()
-
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs: Any) -> Response:
-        response: Response = self._call(self._client.infer(model, inputs, **kwargs))
-        return response
-
-    def send(self, request: Request, *, timeout_s: float | None = None) -> Reply:
-        reply: Reply = self._call(self._client.send(request, timeout_s=timeout_s))
-        return reply
-
-    def close(self) -> None:
-        self._call(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        self._loop.close()
-
-    def __enter__(self) -> SyncInferenceClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    client_class = InferenceClient

@@ -15,43 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from inference_worker_client.tls import TlsOptions as TlsOptions  # re-exported
+
 if TYPE_CHECKING:
     from inference_worker.settings import BrokerSettings, StateSettings
 
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
-
-
-@dataclass(frozen=True)
-class TlsOptions:
-    """Client-side TLS files (PEM). Empty strings mean: not given."""
-
-    ca_file: str = ""  # CA bundle that signed the server certificate; "" = system CAs
-    cert_file: str = ""  # client certificate (mutual TLS), with key_file
-    key_file: str = ""
-
-    @property
-    def given(self) -> bool:
-        return bool(self.ca_file or self.cert_file or self.key_file)
-
-    def check(self) -> None:
-        if bool(self.cert_file) != bool(self.key_file):
-            raise ValueError("TLS client certificate and key must be given together")
-
-    def context(self) -> ssl.SSLContext:
-        """A client context: verify the server (CA file or system CAs) and its hostname."""
-        self.check()
-        try:
-            ctx = ssl.create_default_context(cafile=self.ca_file or None)
-            if self.cert_file:
-                ctx.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            files = ", ".join(f for f in (self.ca_file, self.cert_file, self.key_file) if f)
-            raise ValueError(f"cannot load TLS files ({files}): {exc}") from exc
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
 
 
 @dataclass(frozen=True)

@@ -1,51 +1,8 @@
-"""Wire format v1 (DESIGN.md section 5): envelope, tensor codec, limits and error codes
-(pure, no I/O).
-
-A message is one zstd frame holding one msgpack map; bare msgpack and JSON objects are
-accepted too (told apart by their first bytes). A zstd frame always holds msgpack.
-
-Modules, each one concern: ``codes`` (error codes, codecs), ``errors``
-(:class:`ProtocolError`), ``limits`` (:class:`Limits` and the memory they bound),
-``dtypes`` (the one dtype table), ``loaders`` (size-capped zstd/msgpack/JSON loading),
-``tensors`` (tensor <-> wire, fingerprint), ``envelope`` (the message dataclasses),
-``validate`` (field rules), ``codec`` (:class:`WireCodec`, the entry point).
+"""Wire format v1, as the worker uses it: the codec lives in the client distribution
+(``inference_worker_client.protocol``), so a client and the worker can never disagree on
+the bytes, and a client can be installed without the worker. Every name and submodule
+that was here is re-exported unchanged (``inference_worker.protocol.codec`` and so on).
 """
 
-from inference_worker.protocol.codec import WireCodec, detect_codec
-from inference_worker.protocol.codes import RETRYABLE_CODES, Codec, ErrorCode
-from inference_worker.protocol.dtypes import DTYPE_NAMES, DTYPES, dtype_name, wire_dtype
-from inference_worker.protocol.envelope import (
-    ErrorInfo,
-    Request,
-    Response,
-    Timing,
-    error_response,
-)
-from inference_worker.protocol.errors import Addressable, ProtocolError
-from inference_worker.protocol.limits import Limits
-from inference_worker.protocol.loaders import WireError
-from inference_worker.protocol.tensors import Array, TensorError, fingerprint
-
-__all__ = [
-    "DTYPES",
-    "DTYPE_NAMES",
-    "RETRYABLE_CODES",
-    "Addressable",
-    "Array",
-    "Codec",
-    "ErrorCode",
-    "ErrorInfo",
-    "Limits",
-    "ProtocolError",
-    "Request",
-    "Response",
-    "TensorError",
-    "Timing",
-    "WireCodec",
-    "WireError",
-    "detect_codec",
-    "dtype_name",
-    "error_response",
-    "fingerprint",
-    "wire_dtype",
-]
+from inference_worker_client.protocol import *  # noqa: F403
+from inference_worker_client.protocol import __all__ as __all__

@@ -705,6 +705,7 @@ def test_dockerfile_check_rejects_missing_or_ignored_copy_sources(tmp_path: Path
     context = tmp_path / "ctx"
     shutil.copytree(REPO / "config", context / "config")
     shutil.copytree(REPO / "inference_worker", context / "inference_worker")
+    shutil.copytree(REPO / "client", context / "client")
     for name in ("pyproject.toml", "README.md", "Dockerfile", ".dockerignore"):
         shutil.copy(REPO / name, context / name)
     assert validate_dockerfile(context / "Dockerfile", context) == []

@@ -1,0 +1,84 @@
+"""The messages: :class:`Request`, :class:`Response` and their parts (frozen data)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference_worker_client.protocol.codes import Codec, ErrorCode
+from inference_worker_client.protocol.errors import ProtocolError
+from inference_worker_client.protocol.tensors import Array
+
+
+@dataclass(frozen=True)
+class Request:
+    """One decoded request.
+
+    ``deadline_ms`` (wire ``deadline``, epoch ms) trusts the client's wall clock;
+    ``ttl_ms`` (milliseconds from receipt) does not, and is what a client without a
+    synchronised clock should send. A request carries at most one of the two.
+    """
+
+    id: str
+    model: str
+    inputs: Mapping[str, Array]
+    app: str = ""
+    key: str | None = field(default=None, repr=False)  # a secret: never in logs or reprs
+    version: int | None = None
+    reply_to: str | None = None
+    deadline_ms: int | None = None
+    ttl_ms: int | None = None
+    meta: Mapping[str, Any] | None = None
+    v: int = 1
+    codec: Codec = Codec.ZSTD
+    fingerprint: str = ""
+
+    def rows(self) -> int:
+        """Batch size this request contributes: the first input's leading dimension."""
+        first = next(iter(self.inputs.values()), None)
+        return 1 if first is None or first.ndim == 0 else int(first.shape[0])
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    retry_after_ms: int | None = None  # `overloaded`: when the app may send again
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Response:
+    id: str
+    status: str  # "ok" | "error"
+    app: str = ""
+    model: str = ""
+    version: int | None = None
+    outputs: Mapping[str, Array] | None = None
+    error: ErrorInfo | None = None
+    meta: Mapping[str, Any] | None = None
+    timing: Timing | None = None
+    worker: str | None = None
+    v: int = 1
+
+
+def error_response(err: ProtocolError, *, worker: str | None = None) -> Response:
+    """The reply to a request that failed, addressed as far as the request could be read."""
+    info = ErrorInfo(err.code, err.message, err.retryable, err.retry_after_ms)
+    return Response(
+        id=err.id or "",
+        status="error",
+        app=err.app or "",
+        model=err.model or "",
+        error=info,
+        meta=err.meta,
+        worker=worker,
+    )
