@@ -1,17 +1,18 @@
-"""MQTT 5 transport on paho-mqtt 2.x, driven from the asyncio event loop.
+"""MQTT 5 transport on the asyncio event loop, with its own small packet codec.
 
-Threads. There is no paho network thread: `mqtt_loop.Driver` registers paho's socket
-with the event loop and every paho callback (messages, PUBACKs, connect, disconnect)
-runs on the loop. `publish()` and `ack()` only queue a packet and register the socket
-for writing; the packets queued in one pass of the loop go out in the next
-`loop_write()`. So nothing here takes a lock or hops threads.
+Threads. None of its own: the connection is an asyncio protocol (`mqtt_connection`),
+packets are parsed and built by `mqtt_packets`, and every callback (messages, PUBACKs,
+connect, disconnect) runs on the loop. `publish()` and `ack()` only queue a packet; the
+packets queued in one pass of the loop go out in one write. So nothing here takes a
+lock or hops threads. (paho-mqtt, which the client library uses, is not on the worker's
+path: its per-byte reads and per-message objects cost a quarter of the loop's time.)
 
 Connection. One task (`background()`, see `mqtt_connection`) keeps the session up:
 non-blocking connect, CONNACK and SUBACK, keepalive, reconnect with backoff and
 resubscribe. It ends only with an error, and the worker watches it.
 
-Acks and connections. paho's `ack(mid)` is not tied to a connection: after a reconnect
-an old mid would ack whatever the broker now sends with that mid. Every delivery's acker
+Acks and connections. A PUBACK names a packet id, not a connection: after a reconnect
+an old id would ack whatever the broker now sends with that id. Every delivery's acker
 captures the connection generation (incremented on each CONNACK) and acks only while
 that generation is still connected; otherwise the ack is dropped and counted in
 `stale_acks` (the broker redelivers the message, or drops it for a shared subscription).
@@ -36,18 +37,14 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from types import MappingProxyType
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
+from inference_worker.transports import mqtt_packets as packets
 from inference_worker.transports import topics
 from inference_worker.transports.base import Delivery, Outgoing, TransportOptions
 from inference_worker.transports.memory import DeliveryBuffer
-from inference_worker.transports.mqtt_connection import Connection
+from inference_worker.transports.mqtt_connection import Connection, Credentials, Handlers
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +82,18 @@ class MqttTransport:
             port,
             options,
             filters,
-            username=username,
-            password=password,
-            ssl_context=ssl_context,
+            credentials=Credentials(username, password, ssl_context),
             connect_timeout_s=connect_timeout_s,
-            on_message=self._on_message,
-            on_publish=self._on_publish,
-            on_window=self._release,
+            handlers=Handlers(self._on_message, self._on_puback, self._on_connected),
         )
-        self._client = self._conn.client
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buffer = DeliveryBuffer()
-        # QoS 1 publishes handed to paho, by mid, until their PUBACK (at most the window),
-        # and those held back because the window is full, in order.
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._held: deque[tuple[Outgoing, Properties | None, asyncio.Future[None]]] = deque()
+        # QoS 1 publishes in flight, by packet id, until their PUBACK (at most the
+        # window; resent on a reconnect), and those held back because the window is
+        # full, in order.
+        self._pending: dict[int, _InFlight] = {}
+        self._held: deque[tuple[Outgoing, asyncio.Future[None]]] = deque()
+        self._next_id = 0
         # Unacked QoS 1 deliveries of connection `_counted`; another generation has none.
         self._counted = 0
         self._unacked = 0
@@ -161,7 +155,7 @@ class MqttTransport:
             return
         self._closed = True  # from here on every ack is stale
         self._buffer.close()
-        waiting = [*self._pending.values(), *(f for _, _, f in self._held)]
+        waiting = [*(p.future for p in self._pending.values()), *(f for _, f in self._held)]
         if waiting:
             await asyncio.wait(waiting, timeout=self._close_timeout_s)
         await self._conn.close(min(1.0, self._close_timeout_s))
@@ -213,7 +207,7 @@ class MqttTransport:
         return results
 
     def ack_many(self, deliveries: Iterable[Delivery]) -> None:
-        """Ack each (PUBACKs queued now, written together by the next loop_write())."""
+        """Ack each (PUBACKs queued now, written together at the end of this loop pass)."""
         for delivery in deliveries:
             delivery.ack()
 
@@ -227,71 +221,78 @@ class MqttTransport:
     # --- publishing --------------------------------------------------------------------
 
     def _queue(self, message: Outgoing) -> asyncio.Future[None] | None:
-        """Hand one PUBLISH to paho, or hold it while the window is full; the future
-        (QoS 1) completes with its PUBACK.
+        """Send one PUBLISH, or hold it while the window is full; the future (QoS 1)
+        completes with its PUBACK.
 
         Raises ValueError for a topic no broker accepts (wildcards, NUL, over 65,535
-        bytes) and ConnectionError when closed or paho refuses to queue it.
+        bytes) and ConnectionError when closed (or, at QoS 0, not connected).
         """
         loop = self._loop
         if loop is None or self._closed:
             raise ConnectionError(f"MQTT transport to {self.where} is not started or closed")
         topics.validate_topic(message.topic)
-        props = None  # most responses carry none: skip building a Properties object
-        if message.reply_to is not None or message.correlation is not None or message.headers:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if message.reply_to is not None:
-                props.ResponseTopic = message.reply_to
-            if message.correlation is not None:
-                props.CorrelationData = bytes(message.correlation)
-            if message.headers:
-                props.UserProperty = [(str(k), str(v)) for k, v in message.headers.items()]
         if self._options.qos == 0:
-            self._send(message, props)
+            if not self._conn.send(self._packet(message, 0)):
+                raise ConnectionError(f"MQTT transport to {self.where} is not connected")
             return None
         future: asyncio.Future[None] = loop.create_future()
         if self._held or len(self._pending) >= self._conn.window:
-            self._held.append((message, props, future))
+            self._held.append((message, future))
         else:
-            self._pending[self._send(message, props)] = future
+            self._send(message, future)
         return future
 
-    def _send(self, message: Outgoing, props: Properties | None) -> int:
-        """paho's publish; its mid. With QoS 1 and no connection (NO_CONN) paho keeps the
-        message and sends it after the reconnect."""
-        qos = self._options.qos
-        info = self._client.publish(
-            message.topic, message.payload, qos=qos, retain=message.retain, properties=props
+    def _packet(self, message: Outgoing, packet_id: int) -> bytes:
+        headers = message.headers
+        return packets.publish_packet(
+            message.topic,
+            message.payload,
+            qos=self._options.qos,
+            packet_id=packet_id,
+            retain=message.retain,
+            response_topic=message.reply_to,
+            correlation=message.correlation,
+            user_properties=[(str(k), str(v)) for k, v in headers.items()] if headers else (),
         )
-        queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-        if not queued and not (qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise ConnectionError(
-                f"publish to {message.topic[:200]!r} failed: {paho.error_string(info.rc)}"
-            )
-        return info.mid
+
+    def _send(self, message: Outgoing, future: asyncio.Future[None]) -> None:
+        """Give a QoS 1 publish a free packet id and send it; without a connection it
+        waits in `_pending` and goes out after the reconnect (`_on_connected`)."""
+        pending, packet_id = self._pending, self._next_id
+        while True:
+            packet_id = packet_id % 65534 + 1
+            if packet_id not in pending:
+                break
+        self._next_id = packet_id
+        packet = self._packet(message, packet_id)
+        sent = self._conn.send(packet)
+        pending[packet_id] = _InFlight(future, packet, sent)
 
     def _release(self) -> None:
         """Send held publishes while the window has room (after a PUBACK or a CONNACK)."""
         held, pending = self._held, self._pending
         while held and len(pending) < self._conn.window and not self._closed:
-            message, props, future = held.popleft()
-            if future.done():  # its caller gave up
-                continue
-            try:
-                pending[self._send(message, props)] = future
-            except ConnectionError as exc:
-                future.set_exception(exc)
+            message, future = held.popleft()
+            if not future.done():  # else its caller gave up
+                self._send(message, future)
 
-    def _on_publish(
-        self, _client: paho.Client, _userdata: Any, mid: int, reason: ReasonCode, _p: Any
-    ) -> None:
-        future = self._pending.pop(mid, None)
-        if future is None:
-            return  # a QoS 0 publish written out
+    def _on_connected(self) -> None:
+        """A new session: resend what was in flight (DUP where it went out before),
+        then what was held."""
+        for flight in self._pending.values():
+            packet = packets.as_duplicate(flight.packet) if flight.sent else flight.packet
+            flight.sent = self._conn.send(packet)
+        self._release()
+
+    def _on_puback(self, packet_id: int, reason: int) -> None:
+        flight = self._pending.pop(packet_id, None)
+        if flight is None:
+            return  # not ours (a PUBACK for a publish of an earlier session)
+        future = flight.future
         if not future.done():
-            if reason.is_failure:
-                error = ConnectionError(f"MQTT broker {self.where} rejected: {reason}")
-                future.set_exception(error)
+            if packets.is_failure(reason):
+                name = packets.reason_name(reason)
+                future.set_exception(ConnectionError(f"MQTT broker {self.where} rejected: {name}"))
             else:
                 future.set_result(None)
         if self._held:
@@ -300,45 +301,44 @@ class MqttTransport:
     def _fail_pending(self, error: Exception) -> None:
         pending, self._pending = self._pending, {}
         held, self._held = self._held, deque()
-        for future in [*pending.values(), *(f for _, _, f in held)]:
+        for future in [*(p.future for p in pending.values()), *(f for _, f in held)]:
             if not future.done():
                 future.set_exception(error)
 
-    # --- paho callbacks (on the event loop, inside loop_read/loop_write) ---------------
+    # --- from the connection (on the event loop) ---------------------------------------
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: packets.Message) -> None:
         defect = None
         try:
-            topic = msg.topic
+            topic = msg.topic.decode("utf-8")
         except UnicodeDecodeError:
             # Brokers check topic UTF-8; if one does not, answer it as a bad request.
-            topic = bytes(msg._topic).decode("utf-8", "replace")
+            topic = msg.topic.decode("utf-8", "replace")
             defect = "topic is not valid UTF-8"
-        props = msg.properties
         acker: Callable[[], None] | None = None
         if msg.qos > 0:
             generation = self._conn.generation
             if self._counted != generation:
                 self._counted, self._unacked = generation, 0
             self._unacked += 1
-            acker = self._acker(generation, msg.mid, msg.qos)
+            acker = self._acker(generation, msg.packet_id)
         elif len(self._buffer) >= self._options.buffer:
             log.warning("buffer full: dropping a QoS 0 message on %s", topic)
             return
         self._buffer.put(
             Delivery(
-                payload=bytes(msg.payload),
+                payload=msg.payload,
                 topic=topic,
                 received_at=time.monotonic(),
-                headers=dict(getattr(props, "UserProperty", None) or ()),
-                reply_to=getattr(props, "ResponseTopic", None),
-                correlation=getattr(props, "CorrelationData", None),
+                headers=dict(msg.user_properties) if msg.user_properties else _NO_HEADERS,
+                reply_to=msg.response_topic,
+                correlation=msg.correlation,
                 acker=acker,
                 defect=defect,
             )
         )
 
-    def _acker(self, generation: int, mid: int, qos: int) -> Callable[[], None]:
+    def _acker(self, generation: int, packet_id: int) -> Callable[[], None]:
         done = False
 
         def ack() -> None:
@@ -350,6 +350,19 @@ class MqttTransport:
                 self._stale_acks += 1
                 return
             self._unacked -= 1
-            self._client.ack(mid, qos)
+            self._conn.send(packets.puback_packet(packet_id))
 
         return ack
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A QoS 1 publish awaiting its PUBACK: the encoded packet (resent after a
+    reconnect) and whether it went out on the current session."""
+
+    future: asyncio.Future[None]
+    packet: bytes
+    sent: bool
+
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})

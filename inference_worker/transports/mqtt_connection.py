@@ -1,15 +1,22 @@
 """The MQTT transport's connection: one task that keeps one MQTT 5 session up.
 
-The task opens the socket without blocking (`mqtt_socket`), hands it to paho, waits for
-CONNACK and SUBACK (subscribing again on every connect: a clean session forgets them),
-calls `loop_misc()` once a second for keepalive and, when the connection is lost,
-reconnects with exponential backoff between `reconnect_min_s` and `reconnect_max_s`
-(paho's own automatic reconnect belongs to its threaded loops, which are not used).
+The task opens TCP (and TLS) with `loop.create_connection` (non-blocking connect and
+handshake; asyncio sets TCP_NODELAY), sends CONNECT, waits for CONNACK and SUBACK
+(subscribing again on every connect: a clean session forgets them), keeps the session
+alive (PINGREQ after `keepalive_s` without sending; the link is dropped when no
+PINGRESP came within another `keepalive_s`) and, when the connection is lost,
+reconnects with exponential backoff between `reconnect_min_s` and `reconnect_max_s`.
 
-It ends only with an error, so that the worker, which watches it, stops visibly instead
-of serving nothing: an exception raised inside paho's I/O callbacks, or the broker
-refusing the subscriptions on a reconnect. A refusal at the first connect fails
-`start()` instead.
+Bytes in: `Link.data_received` parses whole reads (`mqtt_packets.Reader`) and hands
+each packet to the callbacks on the event loop. Bytes out: packets queued in one pass of
+the loop go out in one `write()` at its end, so a group's PUBACKs and a batch's
+responses cost one system call.
+
+The task ends only with an error, so that the worker, which watches it, stops visibly
+instead of serving nothing: an exception raised inside a packet callback (a bug), or
+the broker refusing the subscriptions on a reconnect. A refusal at the first connect
+fails `start()` instead. A malformed packet from the broker only drops the link (the
+protocol's answer), and the task reconnects.
 """
 
 from __future__ import annotations
@@ -17,23 +24,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from inference_worker.transports import mqtt_packets as packets
 from inference_worker.transports.base import TransportOptions
-from inference_worker.transports.mqtt_loop import Driver, LoopClient
-from inference_worker.transports.mqtt_socket import open_socket
 
 log = logging.getLogger(__name__)
 
-_TICK_S = 1.0  # loop_misc() period: keepalive pings and their timeout (paho's own loop: 1 s)
+_TICK_S = 1.0  # keepalive check period
+# The SUBSCRIBE's packet id; publishes use 1..65534 (see `Connection.window`), so it is
+# never in use when a reconnect resends them.
+_SUBSCRIBE_ID = 65535
 
 
 class Refused(ConnectionError):
@@ -44,12 +47,99 @@ class SubscriptionsRefused(Refused):
     """The broker answered SUBACK with a failure reason code."""
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What CONNECT carries besides the options: user name, password, TLS."""
+
+    username: str | None = None
+    password: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class Handlers:
+    """The transport's side of the connection (all called on the event loop).
+
+    `message`: a PUBLISH from the broker. `puback`: our publish's packet id and reason.
+    `connected`: a session is up (CONNACK in; `window` is set), before the SUBACK.
+    """
+
+    message: Callable[[packets.Message], None]
+    puback: Callable[[int, int], None]
+    connected: Callable[[], None]
+
+
+class Link(asyncio.Protocol):
+    """One TCP/TLS connection to the broker (asyncio's protocol side)."""
+
+    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        self._conn = conn
+        self._loop = loop
+        self._reader = packets.Reader()
+        self._out: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.last_sent = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for packet in self._reader.feed(data):
+                self._conn.received(self, packet)
+        except packets.MalformedPacket as exc:
+            self._conn.last_error = str(exc)
+            log.warning("MQTT broker %s: %s; dropping the connection", self._conn.where, exc)
+            self.abort()
+        except BaseException as exc:  # a bug in a callback: the task ends with it
+            self.abort()
+            self._conn.crashed(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._out.clear()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._conn.link_lost(self, exc)
+
+    @property
+    def open(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def send(self, packet: bytes) -> None:
+        """Queue `packet`; everything queued in this pass of the loop is written once."""
+        if self._transport is None:
+            return
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(packet)
+
+    def _flush(self) -> None:
+        transport = self._transport
+        if self._out and transport is not None and not transport.is_closing():
+            transport.write(b"".join(self._out))
+            self.last_sent = time.monotonic()
+        self._out.clear()
+
+    def close(self) -> None:
+        """Write what is queued, then close."""
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
 class Connection:
-    """Owns the paho client, its connection task and the connection generation.
+    """Owns the connection task, the current link and the connection generation.
 
     `generation` grows by one on every CONNACK; `connected` is true from CONNACK to the
-    loss of that connection; `window` is the publish window the broker allows
-    (`on_window` is called when a CONNACK sets it). Event-loop thread only.
+    loss of that link; `window` is the publish window the broker allows. Event-loop
+    thread only.
     """
 
     def __init__(
@@ -59,37 +149,33 @@ class Connection:
         options: TransportOptions,
         filters: list[str],
         *,
-        username: str | None,
-        password: str | None,
-        ssl_context: ssl.SSLContext | None,
+        credentials: Credentials,
         connect_timeout_s: float,
-        on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None],
-        on_publish: Callable[[paho.Client, Any, int, ReasonCode, Any], None],
-        on_window: Callable[[], None],
+        handlers: Handlers,
     ) -> None:
         self.where = f"{host}:{port}"
         self._host, self._port = host, port
         self._options = options
         self._filters = filters
-        self._ssl_context = ssl_context
+        self._credentials = credentials
         self._connect_timeout_s = connect_timeout_s
-        self.client = self._new_client(username, password, on_message, on_publish)
-        self._on_window = on_window
-        # QoS 1 publishes allowed in flight: max_inflight fitted to the broker (CONNACK).
-        self._limit = options.max_inflight if options.max_inflight > 0 else 65535
+        self._handlers = handlers
+        # QoS 1 publishes allowed in flight: max_inflight fitted to the broker (CONNACK);
+        # below 65,535 so that a free packet id always exists.
+        self._limit = min(options.max_inflight if options.max_inflight > 0 else 65534, 65534)
         self.window = self._limit
         self.generation = 0
         self.connected = False
         self.last_error = "no answer"
         self.task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Per attempt: `_up` when CONNACK and SUBACK are in, `_link` when the connection
-        # ends. `_crash` once: an error raised inside paho's I/O. `_ready`: the first up.
+        self._link: Link | None = None
+        # Per attempt: `_up` when CONNACK and SUBACK are in. `_crash` once: an error
+        # raised inside a callback. `_ready`: the first up.
         self._up: asyncio.Future[None] | None = None
-        self._link: asyncio.Future[None] | None = None
         self._crash: asyncio.Future[None] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._suback_mid: int | None = None
+        self._ping_sent: float | None = None
         self._closing = False
 
     def start(self) -> asyncio.Future[None]:
@@ -98,64 +184,38 @@ class Connection:
         loop = self._loop = asyncio.get_running_loop()
         self._crash = loop.create_future()
         self._ready = loop.create_future()
-        Driver(self.client, loop, self._on_io_error)
         self.task = loop.create_task(self._run(), name=f"mqtt-connection {self.where}")
         return self._ready
 
+    def send(self, packet: bytes) -> bool:
+        """Queue a packet on the live session; False when there is none."""
+        link = self._link
+        if not self.connected or link is None:
+            return False
+        link.send(packet)
+        return True
+
+    def drop(self) -> None:
+        """Cut the current link now (no DISCONNECT); the task reconnects."""
+        if self._link is not None:
+            self._link.abort()
+
     async def close(self, within_s: float) -> None:
-        """DISCONNECT (bounded by `within_s`), then end the task and the socket."""
+        """DISCONNECT (bounded by `within_s`), then end the task and the link."""
         self._closing = True
         self.connected = False
         link = self._link
-        if self.task is not None and link is not None and not link.done():
-            self.client.disconnect()  # queued; paho closes the socket once it is written
-            await asyncio.wait([link], timeout=within_s)
+        if link is not None and link.open:
+            link.send(packets.DISCONNECT_PACKET)
+            link.close()
+            await asyncio.wait([link.lost], timeout=within_s)
+        if link is not None:
+            link.abort()
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        self.client.drop()
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
-
-    def _new_client(
-        self,
-        username: str | None,
-        password: str | None,
-        on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None],
-        on_publish: Callable[[paho.Client, Any, int, ReasonCode, Any], None],
-    ) -> LoopClient:
-        client = LoopClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._options.client_id,
-            protocol=paho.MQTTv5,
-            manual_ack=True,
-        )
-        if username is not None:
-            client.username_pw_set(username, password)
-        # 0: paho's own window off. Its bookkeeping rescans every queued message on
-        # each PUBACK (`_update_inflight`, 17-26% of a relay's CPU in a profile); the
-        # transport keeps the window itself (`window`, see mqtt.py).
-        client.max_inflight_messages_set(0)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = on_message
-        client.on_publish = on_publish
-        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        connect_props.ReceiveMaximum = self._options.receive_maximum
-        persistent = self._options.session_expiry_s > 0
-        if persistent:
-            connect_props.SessionExpiryInterval = self._options.session_expiry_s
-        # Stores the parameters only; each attempt connects through `_attempt`.
-        client.connect_async(
-            self._host,
-            self._port,
-            keepalive=self._options.keepalive_s,
-            # Resume a persistent session (same client id) instead of discarding it.
-            clean_start=not persistent,
-            properties=connect_props,
-        )
-        return client
 
     async def _run(self) -> None:
         """Connect, watch, reconnect with backoff; ends only with an error (or cancel)."""
@@ -180,25 +240,41 @@ class Connection:
         loop, ready = self._loop, self._ready
         assert loop is not None and ready is not None
         up = self._up = loop.create_future()
-        self._link = loop.create_future()
+        tls = self._credentials.ssl_context
         try:
-            self.client.next_socket = await asyncio.wait_for(
-                open_socket(self._host, self._port, self._ssl_context), self._connect_timeout_s
+            _, link = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: Link(self, loop),
+                    self._host,
+                    self._port,
+                    ssl=tls,
+                    server_hostname=self._host if tls is not None else None,
+                ),
+                self._connect_timeout_s,
             )
         except (OSError, TimeoutError) as exc:
             self.last_error = f"cannot connect: {exc or type(exc).__name__}"
             up.cancel()
             return False
-        try:
-            self.client.reconnect()  # socket registered with the loop, CONNECT queued
-        except OSError as exc:
-            self.last_error = f"cannot connect: {exc}"
-            up.cancel()
-            return False
+        self._link = link
+        self._ping_sent = None
+        persistent = self._options.session_expiry_s > 0
+        link.send(
+            packets.connect_packet(
+                self._options.client_id,
+                keepalive_s=self._options.keepalive_s,
+                # Resume a persistent session (same client id) instead of discarding it.
+                clean_start=not persistent,
+                receive_maximum=self._options.receive_maximum,
+                session_expiry_s=self._options.session_expiry_s,
+                username=self._credentials.username,
+                password=self._credentials.password,
+            )
+        )
         await self._until(up, self._connect_timeout_s)
         if not up.done():
             self.last_error = "no CONNACK/SUBACK in time"
-            self.client.drop()
+            link.abort()
             up.cancel()
             return False
         error = up.exception()
@@ -207,6 +283,7 @@ class Connection:
                 ready.set_result(None)
             return True
         self.last_error = str(error)
+        link.abort()
         if isinstance(error, Refused) and not ready.done():
             ready.set_exception(error)  # start() fails now, naming the broker's reason
         elif isinstance(error, SubscriptionsRefused):
@@ -214,16 +291,26 @@ class Connection:
         return False
 
     async def _watch(self) -> None:
-        """While connected: keepalive every tick until the connection ends."""
+        """While connected: keepalive every tick until the link is lost."""
         link = self._link
         assert link is not None
-        while not link.done():
-            await self._until(link, _TICK_S)
-            if not link.done():
-                self.client.loop_misc()
+        keepalive = self._options.keepalive_s
+        while not link.lost.done():
+            await self._until(link.lost, _TICK_S)
+            if link.lost.done() or keepalive <= 0:
+                continue
+            now = time.monotonic()
+            if self._ping_sent is not None:
+                if now - self._ping_sent > keepalive:
+                    self.last_error = f"no PINGRESP within {keepalive}s"
+                    log.warning("MQTT broker %s: %s", self.where, self.last_error)
+                    link.abort()
+            elif now - link.last_sent >= keepalive:
+                self._ping_sent = now
+                link.send(packets.PINGREQ_PACKET)
 
     async def _until(self, future: asyncio.Future[None], within_s: float) -> None:
-        """Wait for `future` (at most `within_s`); an error raised in paho's I/O ends
+        """Wait for `future` (at most `within_s`); an error raised in a callback ends
         the task with that error."""
         assert self._crash is not None
         await asyncio.wait(
@@ -232,20 +319,53 @@ class Connection:
         if self._crash.done():
             self._crash.result()
 
-    def _on_io_error(self, exc: BaseException) -> None:
+    # --- from the link (on the event loop) ---------------------------------------------
+
+    def crashed(self, exc: BaseException) -> None:
         if self._closing:
             log.error("MQTT I/O error while closing (%s)", self.where, exc_info=exc)
         elif self._crash is not None and not self._crash.done():
             self._crash.set_exception(exc)
 
-    # --- paho callbacks (on the event loop, inside loop_read/loop_write) ---------------
-
-    def _on_connect(
-        self, client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, props: Any
-    ) -> None:
+    def link_lost(self, link: Link, exc: Exception | None) -> None:
+        if link is not self._link:
+            return
+        self.connected = False
+        if exc is not None:
+            self.last_error = f"disconnected: {exc}"
         up = self._up
-        if reason.is_failure:
-            message = f"MQTT broker {self.where} refused connection: {reason}"
+        if up is not None and not up.done():
+            up.set_exception(
+                ConnectionError(f"connection lost before CONNACK/SUBACK: {self.last_error}")
+            )
+
+    def received(self, link: Link, packet: packets.Message | packets.Ack | None) -> None:
+        if link is not self._link:
+            return
+        if isinstance(packet, packets.Message):
+            self._handlers.message(packet)
+        elif packet is None:
+            self._ping_sent = None
+        elif packet.kind == packets.PUBACK:
+            self._handlers.puback(packet.packet_id, packet.reasons[0])
+        elif packet.kind == packets.CONNACK:
+            self._on_connack(link, packet)
+        elif packet.kind == packets.SUBACK:
+            self._on_suback(packet)
+        else:  # DISCONNECT from the broker
+            self.last_error = f"disconnected: {self._reason(packet)}"
+            log.warning("MQTT broker %s sent DISCONNECT: %s", self.where, self.last_error)
+            link.abort()
+
+    @staticmethod
+    def _reason(packet: packets.Ack) -> str:
+        name = packets.reason_name(packet.reasons[0])
+        return f"{name} ({packet.reason_string})" if packet.reason_string else name
+
+    def _on_connack(self, link: Link, packet: packets.Ack) -> None:
+        up = self._up
+        if packets.is_failure(packet.reasons[0]):
+            message = f"MQTT broker {self.where} refused connection: {self._reason(packet)}"
             log.error("%s", message)
             if up is not None and not up.done():
                 up.set_exception(Refused(message))
@@ -255,45 +375,27 @@ class Connection:
         # A client must not have more QoS 1 publishes in flight than the Receive Maximum
         # the broker announced (Mosquitto's default is 20): fit the window to it on every
         # connect, so excess publishes wait in the transport instead of being refused.
-        server_max = int(getattr(props, "ReceiveMaximum", 65535)) or 65535
-        window = self.window = min(self._limit, server_max)
+        window = self.window = min(self._limit, packet.receive_maximum)
         if window < self._limit:
             log.info(
                 "broker %s accepts %d in-flight publishes; using that instead of max_inflight %d",
                 self.where,
-                server_max,
+                packet.receive_maximum,
                 self._options.max_inflight,
             )
-        self._on_window()
+        self._handlers.connected()
         if not self._filters:
             if up is not None and not up.done():
                 up.set_result(None)
             return
-        qos = SubscribeOptions(qos=self._options.qos)
-        rc, mid = client.subscribe([(f, qos) for f in self._filters])
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self.last_error = f"subscribe failed: {paho.error_string(rc)}"
-        self._suback_mid = mid
+        link.send(packets.subscribe_packet(_SUBSCRIBE_ID, self._filters, self._options.qos))
 
-    def _on_disconnect(
-        self, _client: paho.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
-    ) -> None:
-        self.connected = False
-        self.last_error = f"disconnected: {reason}"
-        up, link = self._up, self._link
-        if up is not None and not up.done():
-            up.set_exception(ConnectionError(f"connection lost before CONNACK/SUBACK: {reason}"))
-        if link is not None and not link.done():
-            link.set_result(None)
-
-    def _on_subscribe(
-        self, _client: paho.Client, _userdata: Any, mid: int, reasons: list[ReasonCode], _p: Any
-    ) -> None:
+    def _on_suback(self, packet: packets.Ack) -> None:
         up = self._up
-        if mid != self._suback_mid or up is None or up.done():
+        if packet.packet_id != _SUBSCRIBE_ID or up is None or up.done():
             return
-        granted = zip(self._filters, reasons, strict=False)
-        refused = [f"{f}: {r}" for f, r in granted if r.is_failure]
+        granted = zip(self._filters, packet.reasons, strict=False)
+        refused = [f"{f}: {packets.reason_name(r)}" for f, r in granted if packets.is_failure(r)]
         if refused:
             message = f"MQTT broker {self.where} refused subscriptions: {'; '.join(refused)}"
             log.error("%s", message)

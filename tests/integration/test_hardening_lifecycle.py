@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 import redis.asyncio as aioredis
 
 from inference_worker.protocol import Request
 from inference_worker.state.redis import RedisStateStore
+from inference_worker.transports.mqtt import MqttTransport
 from tests.integration.lifecycle_helpers import (
     Ledger,
     RunnerControl,
@@ -220,16 +220,16 @@ async def test_transport_task_that_dies_fails_readiness_and_stops_the_worker(
         settings, broker=dataclasses.replace(settings.broker, client_id=client_id)
     )
     handled = {"n": 0}
-    real = paho.Client._handle_publish
+    real = MqttTransport._on_message
 
-    def handle_publish(self: paho.Client) -> Any:
-        if self._client_id == client_id.encode():
+    def on_message(self: MqttTransport, msg: Any) -> None:
+        if self._options.client_id == client_id:
             handled["n"] += 1
             if handled["n"] > 3:
                 raise RuntimeError("injected: the connection driver hit a bug")
-        return real(self)
+        real(self, msg)
 
-    monkeypatch.setattr(paho.Client, "_handle_publish", handle_publish)
+    monkeypatch.setattr(MqttTransport, "_on_message", on_message)
     x, labels = digits_rows()
     ledger = Ledger()
     async with serving(settings) as w, client_of(settings, timeout_s=20) as client:

@@ -1,6 +1,6 @@
 """The MQTT transport driven from the event loop: its connection task is the one place
-where a paho failure or a silent broker shows, so the worker (which watches the task)
-can act on it. Real Mosquitto; nothing here asserts how fast anything is."""
+where a failure in a packet callback or a silent broker shows, so the worker (which
+watches the task) can act on it. Real Mosquitto; nothing here asserts how fast anything is."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _options(**kw: Any) -> TransportOptions:
     )
 
 
-async def test_an_error_inside_a_paho_callback_ends_the_connection_task_with_it() -> None:
+async def test_an_error_inside_a_packet_callback_ends_the_connection_task_with_it() -> None:
     topic = f"t/{uuid.uuid4().hex[:8]}"
     with mosquitto_server() as srv:
         sub = connect(srv.url, _options(subscriptions=(topic,)))
@@ -40,7 +40,7 @@ async def test_an_error_inside_a_paho_callback_ends_the_connection_task_with_it(
             def broken(*_args: Any) -> None:
                 raise RuntimeError("bug in on_message")
 
-            sub._client.on_message = broken
+            sub._conn._handlers = dataclasses.replace(sub._conn._handlers, message=broken)
             await pub.publish(topic, b"x")
             done, _ = await asyncio.wait([task], timeout=WAIT)
             assert task in done, "the connection task must end, not swallow the error"
