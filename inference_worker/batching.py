@@ -1,24 +1,35 @@
 """Per-model dynamic batcher (DESIGN.md section 2, step 5).
 
 Items are queued with their arrival time; one dispatcher task turns them into batches.
-A batch leaves when it holds ``max_batch_size`` rows (``size_of``: an item may carry
-several), when the oldest item has waited ``max_delay_s``, or on drain, and only while a
-concurrency slot is free: while every slot is busy items keep accumulating, so batches
-grow with load instead of the worker running many tiny ones.
+A batch leaves when it holds the policy's row limit (``max_batch_size`` rows at most;
+``size_of``: an item may carry several), when the oldest item has waited the policy's
+wait, when the item with the earliest deadline must leave to make it, or on drain, and
+only while a concurrency slot is free: while every slot is busy items keep accumulating,
+so batches grow with load instead of the worker running many tiny ones.
+
+The policy (``batchpolicy``) is the model's fixed ``max_delay_ms``, or a latency target
+it aims at with the cost of a batch that the batcher learns from its own batches
+(``batchcost``: every batch is timed from dispatch to the handler's return). Which items
+a batch takes is the queue's business (``batchqueue``): round-robin between apps, and
+within an app priority, then earliest deadline, then arrival. An item that cannot finish
+by its deadline given that cost — not even alone — is handed to ``on_expired`` at once,
+never computed; one that would miss it inside the batch being formed is too.
 
 All timing goes through the injected ``clock`` and ``sleep`` so that tests can drive time
 by hand. The dispatcher never polls: it waits on a wakeup event (submit, slot freed,
-drain) raced against ``sleep(time until the oldest item is due)``.
+drain) raced against ``sleep(time until the next item is due)``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from inference_worker.batchcost import BatchCost
+from inference_worker.batchpolicy import BatchPolicy, FixedDelay
+from inference_worker.batchqueue import Entry, FairQueue
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,84 +57,6 @@ class DeadlineExceeded(Exception):
     """The item's deadline passed before it was dispatched; no compute was spent."""
 
 
-@dataclass(slots=True)
-class _Entry(Generic[T, R]):
-    item: T
-    future: asyncio.Future[R]
-    enqueued_at: float
-    key: str = ""
-    size: int = 1  # rows
-
-
-class _FairQueue(Generic[T, R]):
-    """Waiting entries, one FIFO per key (app), served weighted round-robin.
-
-    With a single key this is a plain FIFO. With several, `popnext` takes up to
-    `weight(key)` entries from one key before moving to the next, and the rotation
-    carries over from batch to batch, so a chatty app fills at most its share of each
-    batch while others wait, instead of everything queued behind it.
-    """
-
-    def __init__(self, weight: Callable[[str], int]) -> None:
-        self._weight = weight
-        self._queues: dict[str, deque[_Entry[T, R]]] = {}
-        self._order: deque[str] = deque()
-        self._left = 0  # entries the key at the head of `_order` may still give
-        self._len = 0
-        self.rows = 0  # sum of the waiting entries' sizes
-
-    def __len__(self) -> int:
-        return self._len
-
-    def append(self, entry: _Entry[T, R]) -> None:
-        q = self._queues.get(entry.key)
-        if q is None:
-            q = self._queues[entry.key] = deque()
-            self._order.append(entry.key)
-        q.append(entry)
-        self._len += 1
-        self.rows += entry.size
-
-    def oldest(self) -> _Entry[T, R]:
-        """The entry that has waited longest (it decides the delay flush)."""
-        return min((q[0] for q in self._queues.values()), key=lambda e: e.enqueued_at)
-
-    def drop_cancelled(self) -> None:
-        """Forget entries at the head of each FIFO whose caller gave up."""
-        for key in list(self._order):
-            q = self._queues[key]
-            while q and q[0].future.done():
-                self.rows -= q.popleft().size
-                self._len -= 1
-            if not q:
-                self._remove(key)
-
-    def peeknext(self) -> _Entry[T, R]:
-        """The entry `popnext` would return."""
-        return self._queues[self._order[0]][0]
-
-    def popnext(self) -> _Entry[T, R]:
-        key = self._order[0]
-        q = self._queues[key]
-        if self._left <= 0:
-            self._left = max(1, self._weight(key))
-        entry = q.popleft()
-        self._len -= 1
-        self.rows -= entry.size
-        self._left -= 1
-        if not q:
-            self._remove(key)
-        elif self._left == 0:
-            self._order.rotate(-1)
-        return entry
-
-    def _remove(self, key: str) -> None:
-        if self._order and self._order[0] == key:
-            self._left = 0
-        self._order.remove(key)
-        del self._queues[key]
-
-
 class DynamicBatcher(Generic[T, R]):
     """Collects items into batches for ``handler``; see the module docstring.
 
@@ -147,6 +80,9 @@ class DynamicBatcher(Generic[T, R]):
         key_of: Callable[[T], str] | None = None,
         weight_of: Callable[[str], int] = lambda _key: 1,
         size_of: Callable[[T], int] = lambda _item: 1,
+        priority_of: Callable[[T], int] = lambda _item: 0,
+        cost: BatchCost | None = None,
+        policy: BatchPolicy | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_concurrent < 1 or max_delay_s < 0:
             raise ValueError(
@@ -167,7 +103,13 @@ class DynamicBatcher(Generic[T, R]):
         # batch of requests that each carry several rows never exceeds what the model
         # was declared for.
         self._size_of = size_of
-        self._queue: _FairQueue[T, R] = _FairQueue(weight_of)
+        self._priority_of = priority_of
+        # What a batch costs (learned here, from every batch run), and what to do with it.
+        self.cost = cost if cost is not None else BatchCost()
+        self.policy: BatchPolicy = (
+            policy if policy is not None else FixedDelay(max_delay_s, max_batch_size)
+        )
+        self._queue: FairQueue[T, R] = FairQueue(weight_of)
         self._busy_slots = 0
         self._in_flight = 0
         self._closed = False
@@ -206,9 +148,11 @@ class DynamicBatcher(Generic[T, R]):
         if self.full:
             return None
         self.start()
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         key = self._key_of(item) if self._key_of is not None else ""
-        self._queue.append(_Entry(item, future, self._clock(), key, self._size_of(item)))
+        deadline = self._deadline_of(item) if self._deadline_of is not None else None
+        size, priority = self._size_of(item), self._priority_of(item)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append(Entry(item, future, self._clock(), key, size, deadline, priority))
         self._update_not_full()
         self._wakeup.set()
         return future
@@ -242,56 +186,70 @@ class DynamicBatcher(Generic[T, R]):
         while True:
             self._wakeup.clear()  # cleared before looking, so no set() is ever missed
             self._queue.drop_cancelled()  # callers who gave up must not hold the timer
+            self._expire(self._clock())
             self._update_not_full()
-            if not self._queue:
+            head = self._queue.oldest()
+            if head is None:
                 if self._closed:
                     return
                 await self._wakeup.wait()
                 continue
+            now = self._clock()
+            hopeless = self._queue.earliest_deadline()  # when it can no longer finish alone
+            if hopeless is not None:
+                hopeless -= self.cost.mean(1)
             if self._busy_slots >= self._max_concurrent:
-                await self._wakeup.wait()  # accumulate: the next batch will be bigger
+                # Accumulate: the next batch will be bigger. Wake for what expires meanwhile.
+                if hopeless is None or hopeless <= now:
+                    await self._wakeup.wait()
+                else:
+                    await self._wait_any(self._sleep(hopeless - now), self._wakeup.wait())
                 continue
+            limit = self.policy.row_limit(now - head.enqueued_at)
+            due = head.enqueued_at + self.policy.wait_s()
+            earliest = self._queue.earliest_deadline()
+            if earliest is not None:  # leave in time for the tightest deadline
+                due = min(due, earliest - self.cost.high(limit))
             # A full queue cannot grow, so waiting for the delay would only add latency.
-            due = self._queue.oldest().enqueued_at + self._max_delay
-            size_ready = self._queue.rows >= self._max_batch or self.full
-            if size_ready or self._closed or self._clock() >= due:
-                self._dispatch()
+            size_ready = self._queue.rows >= limit or self.full
+            if size_ready or self._closed or now >= due:
+                self._dispatch(limit)
                 continue
-            await self._wait_any(self._sleep(due - self._clock()), self._wakeup.wait())
+            await self._wait_any(self._sleep(due - now), self._wakeup.wait())
 
-    def _dispatch(self) -> None:
-        """Pop live items up to ``max_batch_size`` rows, splitting off expired ones.
+    def _expire(self, now: float) -> None:
+        """Items that cannot finish by their deadline even alone: answered, not computed."""
+        hopeless = self._queue.pop_deadlines(now + self.cost.mean(1))
+        if hopeless:
+            self._expired(hopeless)
+
+    def _expired(self, entries: list[Entry[T, R]]) -> None:
+        if self._on_expired is None:
+            for entry in entries:
+                entry.future.set_exception(DeadlineExceeded(self.name))
+        else:
+            self._spawn(self._run(self._on_expired, entries, uses_slot=False))
+
+    def _dispatch(self, limit: int) -> None:
+        """Pop live items up to `limit` rows, splitting off those that would finish after
+        their deadline in this batch.
 
         An item larger than the whole batch still goes, alone (admission refuses those
         for models; here it must not wedge the queue)."""
-        batch: list[_Entry[T, R]] = []
-        expired: list[_Entry[T, R]] = []
-        now = self._clock()
+        batch: list[Entry[T, R]] = []
         rows = 0
-        while self._queue:
-            nxt = self._queue.peeknext()
-            if batch and not nxt.future.done() and rows + nxt.size > self._max_batch:
+        while (nxt := self._queue.peeknext()) is not None:
+            if batch and rows + nxt.size > limit:
                 break
-            entry = self._queue.popnext()
-            if entry.future.done():
-                continue  # cancelled by the caller
-            try:
-                deadline = self._deadline_of(entry.item) if self._deadline_of else None
-            except Exception as exc:
-                entry.future.set_exception(exc)
-                continue
-            if deadline is not None and deadline < now:
-                expired.append(entry)
-            else:
-                batch.append(entry)
-                rows += entry.size
+            self._queue.popnext()
+            batch.append(nxt)
+            rows += nxt.size
+        finish = self._clock() + self.cost.mean(rows)
+        late = [e for e in batch if e.deadline is not None and e.deadline < finish]
+        if late:
+            batch = [e for e in batch if e.deadline is None or e.deadline >= finish]
+            self._expired(late)
         self._update_not_full()
-        if expired:
-            if self._on_expired is None:
-                for entry in expired:
-                    entry.future.set_exception(DeadlineExceeded(self.name))
-            else:
-                self._spawn(self._run(self._on_expired, expired, uses_slot=False))
         if batch:
             self._busy_slots += 1
             self._in_flight += len(batch)
@@ -305,13 +263,17 @@ class DynamicBatcher(Generic[T, R]):
     async def _run(
         self,
         fn: Callable[[list[T]], Awaitable[Sequence[R]]],
-        entries: list[_Entry[T, R]],
+        entries: list[Entry[T, R]],
         *,
         uses_slot: bool,
     ) -> None:
-        """Run one batch and route results; any failure stays inside this batch."""
+        """Run one batch and route results; any failure stays inside this batch. A batch
+        that ran (not an `on_expired` call) teaches the cost model what it took."""
+        started = self._clock()
         try:
             results = await fn([e.item for e in entries])
+            if uses_slot:
+                self.cost.observe(sum(e.size for e in entries), self._clock() - started)
             if len(results) != len(entries):
                 raise BatchOutputMismatch(
                     f"{self.name}: handler returned {len(results)} results for {len(entries)} items"
@@ -364,11 +326,9 @@ class DynamicBatcher(Generic[T, R]):
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         left: list[object] = []
-        while self._queue:
-            entry = self._queue.popnext()
-            if not entry.future.done():
-                left.append(entry.item)
-                entry.future.set_exception(BatcherClosed(self.name))
+        while (entry := self._queue.popnext()) is not None:
+            left.append(entry.item)
+            entry.future.set_exception(BatcherClosed(self.name))
         raise DrainTimeout(f"batcher {self.name!r} did not drain in {timeout}s", left)
 
     async def _wait_idle(self) -> None:

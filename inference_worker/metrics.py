@@ -162,6 +162,39 @@ class Metrics:
             "Leases not renewed because they reached state.max_lease_ms (left to expire).",
             registry=r,
         )
+        # Batching (docs/batching.md): what the batcher chose and what it learned.
+        self.batch_wait_seconds = Gauge(
+            "iw_batch_wait_seconds",
+            "How long the oldest queued request may wait for its batch to fill: max_delay_ms,"
+            " or what latency_target_ms leaves after the learned batch cost.",
+            ["model"],
+            registry=r,
+        )
+        self.batch_rows_limit = Gauge(
+            "iw_batch_rows_limit",
+            "Rows the next batch may take (max_batch_size, or fewer to hold latency_target_ms).",
+            ["model"],
+            registry=r,
+        )
+        self.batch_cost_seconds = Gauge(
+            "iw_batch_cost_seconds",
+            "Learned seconds a batch of `rows` rows holds its slot: estimate=mean (the fitted"
+            " line) or p99 (mean x the observed tail).",
+            ["model", "rows", "estimate"],
+            registry=r,
+        )
+        self.isolation_calls = Counter_(
+            "iw_isolation_calls",
+            "Extra model calls spent splitting failed batches down to the requests that fail.",
+            ["model"],
+            registry=r,
+        )
+        self.isolated = Counter_(
+            "iw_isolated",
+            "Requests that failed alone after their batch was split (only they were retried).",
+            ["model"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

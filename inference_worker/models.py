@@ -49,6 +49,7 @@ _KNOWN_KEYS = frozenset(
         "outputs",
         "versions",
         "precision",
+        "latency_target_ms",
     ]
 )
 
@@ -75,6 +76,9 @@ class ModelConfig:
     max_queue: int = 1024
     allow_non_finite: bool = True
     precision: str = "fp32"  # fp16 / bf16 where the backend supports it (torch)
+    # The p99 of queue + compute the batcher aims at (docs/batching.md); None: the fixed
+    # max_delay_ms wait.
+    latency_target_ms: float | None = None
     # Which versions to serve: the newest `latest` ones, or exactly `specific` ones.
     versions_latest: int = 1
     versions_specific: tuple[int, ...] = ()
@@ -128,6 +132,15 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raise ModelConfigError(
             f"{path}: max_delay_ms: must be a finite number >= 0, got {max_delay_ms!r}"
         )
+    latency_target_ms = raw.get("latency_target_ms")
+    if latency_target_ms is not None and (
+        isinstance(latency_target_ms, bool)
+        or not isinstance(latency_target_ms, int | float)
+        or not (0 < latency_target_ms < float("inf"))
+    ):
+        raise ModelConfigError(
+            f"{path}: latency_target_ms: must be a finite number > 0, got {latency_target_ms!r}"
+        )
     allow_non_finite = raw.get("allow_non_finite", defaults.allow_non_finite)
     if not isinstance(allow_non_finite, bool):
         raise ModelConfigError(
@@ -152,6 +165,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         instances=instances,
         max_queue=max_queue,
         allow_non_finite=allow_non_finite,
+        latency_target_ms=None if latency_target_ms is None else float(latency_target_ms),
     )
 
 

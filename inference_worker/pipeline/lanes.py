@@ -22,11 +22,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from inference_worker.batchcost import BatchCost
 from inference_worker.batching import BatcherClosed, DrainTimeout, DynamicBatcher
+from inference_worker.batchpolicy import policy_for
 from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
 from inference_worker.pipeline.jobs import Job
 from inference_worker.pipeline.observe import LaneMetrics
+from inference_worker.protocol.envelope import PRIORITY_DEFAULT
 from inference_worker.serving import ModelHost, ServedModel
 from inference_worker.settings import ModelsSettings
 
@@ -53,6 +56,9 @@ class Lane:
         self.executor = ThreadPoolExecutor(cfg.instances, thread_name_prefix=f"iw-{cfg.name}")
         self._handle_batch = handle_batch
         self._handle_expired = handle_expired
+        cost = BatchCost()  # learned from this version's own batches
+        target_ms = cfg.latency_target_ms
+        target_s = None if target_ms is None else target_ms / 1000.0
         self.batcher: DynamicBatcher[Job, None] = DynamicBatcher(
             self._run,
             max_batch_size=cfg.max_batch_size,
@@ -66,7 +72,11 @@ class Lane:
             key_of=lambda job: job.request.app,  # fairness between apps inside a batch
             weight_of=weight_of,
             size_of=lambda job: job.rows,
+            priority_of=_priority,  # orders a request within its app
+            cost=cost,
+            policy=policy_for(cfg.max_delay_ms / 1000.0, target_s, cfg.max_batch_size, cost),
         )
+        observe.follow(self.batcher, cfg.max_batch_size)
         self._backlog: deque[Job] = deque()
         self._more = asyncio.Event()
         self._feeder: asyncio.Task[None] | None = None
@@ -233,6 +243,11 @@ class LaneSet:
     def close(self) -> None:
         for lane in self.lanes():
             lane.close()
+
+
+def _priority(job: Job) -> int:
+    p = job.request.priority
+    return PRIORITY_DEFAULT if p is None else p
 
 
 def _moved(job: Job, lane: Lane) -> Job:

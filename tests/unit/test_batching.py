@@ -254,7 +254,9 @@ async def test_expired_items_go_to_on_expired_and_take_no_batch_slot() -> None:
 
 async def test_expired_without_on_expired_gets_deadline_exceeded() -> None:
     clock, h = FakeClock(), Handler()
-    b = make(h, clock, deadline_of=lambda it: 0.5 if it == 2 else None)
+    # Past its deadline on arrival (one due before the delay would make the batch leave
+    # early instead: tests/unit/test_batch_deadlines.py).
+    b = make(h, clock, deadline_of=lambda it: -0.5 if it == 2 else None)
     f1, f2 = await b.submit(1), await b.submit(2)
     await clock.advance(1.0)
     assert h.batches == [[1]] and f1.result() == 10

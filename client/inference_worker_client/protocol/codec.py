@@ -167,6 +167,7 @@ class WireCodec:
             "reply_to": req.reply_to,
             "deadline": req.deadline_ms,
             "ttl_ms": req.ttl_ms,
+            "priority": req.priority,
             "meta": req.meta,
         }
         return self._serialize(obj, codec)

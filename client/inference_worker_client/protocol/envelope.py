@@ -10,6 +10,9 @@ from inference_worker_client.protocol.codes import Codec, ErrorCode
 from inference_worker_client.protocol.errors import ProtocolError
 from inference_worker_client.protocol.tensors import Array
 
+PRIORITY_MAX = 9  # request priorities are 0..PRIORITY_MAX, higher first
+PRIORITY_DEFAULT = 4  # the rank of a request that gives none (so clients can go below it)
+
 
 @dataclass(frozen=True)
 class Request:
@@ -18,6 +21,8 @@ class Request:
     ``deadline_ms`` (wire ``deadline``, epoch ms) trusts the client's wall clock;
     ``ttl_ms`` (milliseconds from receipt) does not, and is what a client without a
     synchronised clock should send. A request carries at most one of the two.
+    ``priority`` (0..9, higher first) orders a request among its own app's queued
+    requests; without one it ranks as ``PRIORITY_DEFAULT``.
     """
 
     id: str
@@ -33,6 +38,7 @@ class Request:
     v: int = 1
     codec: Codec = Codec.ZSTD
     fingerprint: str = ""
+    priority: int | None = None
 
     def rows(self) -> int:
         """Batch size this request contributes: the first input's leading dimension."""

@@ -10,7 +10,13 @@ from typing import Any, NoReturn
 import msgpack
 
 from inference_worker_client.protocol.codes import Codec, ErrorCode
-from inference_worker_client.protocol.envelope import ErrorInfo, Request, Response, Timing
+from inference_worker_client.protocol.envelope import (
+    PRIORITY_MAX,
+    ErrorInfo,
+    Request,
+    Response,
+    Timing,
+)
 from inference_worker_client.protocol.errors import ProtocolError
 from inference_worker_client.protocol.limits import Limits
 from inference_worker_client.protocol.loaders import WireError, check_depth, check_tree
@@ -129,6 +135,11 @@ class Validator:
         deadline_ms, ttl_ms = self._int(obj, "deadline", 0), self._int(obj, "ttl_ms", 0)
         if deadline_ms is not None and ttl_ms is not None:
             _fail(ErrorCode.BAD_REQUEST, "give 'deadline' or 'ttl_ms', not both")
+        priority = obj.get("priority")
+        if priority is not None and (
+            type(priority) is not int or not 0 <= priority <= PRIORITY_MAX
+        ):
+            _fail(ErrorCode.BAD_REQUEST, f"'priority' must be an integer 0..{PRIORITY_MAX}")
         inputs = self._tensors(obj.get("inputs"), "inputs")
         return Request(
             id=rid,
@@ -143,6 +154,7 @@ class Validator:
             meta=self.meta(obj.get("meta")),
             codec=codec,
             fingerprint=fingerprint(model, version, inputs),
+            priority=priority,
         )
 
     def address(self, exc: ProtocolError, obj: dict[str, Any]) -> None:
