@@ -14,6 +14,7 @@ from pathlib import Path
 from inference_worker.auth import Authenticator, AuthMode, KeyStore, MemoryKeyStore, RedisKeyStore
 from inference_worker.fleet import Heartbeat
 from inference_worker.http import HttpEndpoint, Readiness
+from inference_worker.metadata import MetadataPublisher, describe, encode, route_for
 from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
 from inference_worker.pipeline import Assembly, Worker
@@ -23,6 +24,7 @@ from inference_worker.serving import load_models
 from inference_worker.settings import MetricsSettings, Settings
 from inference_worker.state import open_state
 from inference_worker.state.base import StateStore
+from inference_worker.state.deadletters import poll_length
 from inference_worker.state.redis import RedisStateStore
 from inference_worker.transports import connect
 from inference_worker.transports.base import Transport, TransportOptions
@@ -52,7 +54,7 @@ def worker_transport(
     options = TransportOptions(
         client_id=broker.client_id or name,
         subscriptions=subscriptions,
-        topics=(broker.response_topic, broker.dlq_topic),
+        topics=(broker.response_topic, broker.dlq_topic, broker.metadata_kafka_topic),
         shared_group=broker.group,
         qos=broker.qos,
         receive_maximum=broker.receive_maximum,
@@ -191,6 +193,8 @@ async def _serve(
     )  # fmt: skip
     await transport.start()
     readiness.transport = transport
+    publisher = MetadataPublisher(transport, route_for(settings.broker))
+    await publisher.sync(served_metadata(worker))
     readiness.pipeline = lambda: worker.healthy
     heartbeat: Heartbeat | None = None
     beating: asyncio.Task[None] | None = None
@@ -217,7 +221,17 @@ async def _serve(
     )
     if on_ready is not None:
         on_ready(worker)
-    watching = asyncio.create_task(_watch_models(worker, settings, stop, reload), name="iw-models")
+    watching = asyncio.create_task(
+        _watch_models(worker, settings, stop, reload, publisher), name="iw-models"
+    )
+    counting = asyncio.create_task(
+        poll_length(
+            worker.outbox.letters,
+            metrics.dead_letter_entries.set,
+            interval_s=settings.dlq.length_poll_s,
+        ),
+        name="iw-dlq-length",
+    )
     try:
         # serve() stops intake, flushes batchers and finishes in-flight work
         # (complete in Redis, publish) before it returns.
@@ -226,9 +240,10 @@ async def _serve(
         # Then the connections: the fleet record goes first (a clean exit is not a stale
         # worker), the transport last-but-one so the final publishes and acks reach the
         # broker, the state store last (closed by the caller).
-        watching.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watching
+        for task in (watching, counting):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if beating is not None and heartbeat is not None:
             beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -239,10 +254,24 @@ async def _serve(
     return worker
 
 
+def served_metadata(worker: Worker) -> dict[str, bytes]:
+    """The metadata documents of what `worker` serves now (inference_worker.metadata)."""
+    host = worker.lanes.host
+    return {
+        name: encode(describe(worker.lanes.resolve(name, None).served.config, host.versions(name)))
+        for name in host.names
+    }
+
+
 async def _watch_models(
-    worker: Worker, settings: Settings, stop: asyncio.Event, reload: asyncio.Event | None
+    worker: Worker,
+    settings: Settings,
+    stop: asyncio.Event,
+    reload: asyncio.Event | None,
+    publisher: MetadataPublisher,
 ) -> None:
-    """Hot reload: look at the model repository every `poll_interval_s` and on SIGHUP."""
+    """Hot reload: look at the model repository every `poll_interval_s` and on SIGHUP;
+    then bring the retained model metadata in line (publishes only what changed)."""
     repo = ModelRepository(Path(settings.models.root))
     interval = settings.models.poll_interval_s
     poke = reload or asyncio.Event()
@@ -254,3 +283,4 @@ async def _watch_models(
         if stop.is_set():
             return
         await worker.reload_models(repo)
+        await publisher.sync(served_metadata(worker))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from inference_worker import keys_cli
+from inference_worker import dlq_cli, keys_cli, models_cli
 from inference_worker.app import run_worker
 from inference_worker.logs import configure_logging
 from inference_worker.protocol import Codec, Limits, ProtocolError, Response, WireCodec
@@ -116,6 +116,14 @@ def cmd_bench(argv: Sequence[str]) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     return keys_cli.main(_settings(args), args)
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    return dlq_cli.main(_settings(args), args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    return models_cli.main(_settings(args), args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -303,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys = keys_cli.add_parser(sub)
     common(keys)
     keys.set_defaults(func=cmd_keys)
+
+    dlq = dlq_cli.add_parser(sub)
+    common(dlq)
+    dlq.set_defaults(func=cmd_dlq)
+
+    models = models_cli.add_parser(sub)
+    common(models)
+    models.set_defaults(func=cmd_models)
 
     status = sub.add_parser("status", help="print the fleet (workers heartbeating into Redis)")
     status.add_argument("--config", type=Path, default=None, help="settings file")

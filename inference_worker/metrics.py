@@ -127,6 +127,16 @@ class Metrics:
             "iw_taken_over", "Expired leases (dead or stalled worker) re-run here.", registry=r
         )
         self.dead_letters = Counter_("iw_dead_letters", "Requests dead-lettered.", registry=r)
+        self.dead_letter_entries = Gauge(
+            "iw_dead_letter_entries",
+            "Dead letters kept in the store (length of the capped stream, all workers').",
+            registry=r,
+        )
+        self.dead_letter_store_failures = Counter_(
+            "iw_dead_letter_store_failures",
+            "Dead letters the store refused (published to the topic only).",
+            registry=r,
+        )
         self.model_load_failures = Counter_(
             "iw_model_load_failures",
             "New model versions refused (load or warm-up failed); the previous one kept serving.",

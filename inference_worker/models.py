@@ -54,6 +54,16 @@ _KNOWN_KEYS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class TensorDoc:
+    """What a client author needs beyond dtype and shape: a one-line description and the
+    value range the model expects (`range: [lo, hi]` in config.yaml; advisory, the worker
+    does not enforce it). Published in the model's metadata (inference_worker.metadata)."""
+
+    description: str = ""
+    range: tuple[float, float] | None = None
+
+
 class ModelConfigError(ValueError):
     """A model config is missing, malformed or inconsistent; the message names file and field."""
 
@@ -82,6 +92,9 @@ class ModelConfig:
     # Which versions to serve: the newest `latest` ones, or exactly `specific` ones.
     versions_latest: int = 1
     versions_specific: tuple[int, ...] = ()
+    # Per tensor, in the order of `inputs` / `outputs`; () when none is declared.
+    input_docs: tuple[TensorDoc, ...] = ()
+    output_docs: tuple[TensorDoc, ...] = ()
 
     def versions_to_serve(self, available: list[int]) -> list[int]:
         """The versions this worker should have loaded, ascending."""
@@ -166,6 +179,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         max_queue=max_queue,
         allow_non_finite=allow_non_finite,
         latency_target_ms=None if latency_target_ms is None else float(latency_target_ms),
+        input_docs=_docs(path, raw, "inputs"),
+        output_docs=_docs(path, raw, "outputs"),
     )
 
 
@@ -207,7 +222,7 @@ def _specs(path: Path, raw: Mapping[str, Any], key: str) -> tuple[TensorSpec, ..
         where = f"{path}: {key}[{i}]"
         if not isinstance(item, dict):
             raise ModelConfigError(f"{where}: must be a mapping with name, dtype, shape")
-        extra = sorted(str(k) for k in item if k not in ("name", "dtype", "shape"))
+        extra = sorted(str(k) for k in item if k not in _TENSOR_KEYS)
         if extra:
             raise ModelConfigError(f"{where}: unknown key(s) {extra}")
         name, dtype, shape = item.get("name"), item.get("dtype"), item.get("shape")
@@ -236,6 +251,38 @@ def _specs(path: Path, raw: Mapping[str, Any], key: str) -> tuple[TensorSpec, ..
             raise ModelConfigError(f"{where}.name: duplicate tensor name {name!r}")
         specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape)))
     return tuple(specs)
+
+
+_TENSOR_KEYS = ("name", "dtype", "shape", "description", "range")
+
+
+def _docs(path: Path, raw: Mapping[str, Any], key: str) -> tuple[TensorDoc, ...]:
+    """`description` (one line, at most 200 characters) and `range` ([lo, hi]) per tensor;
+    call after `_specs` has checked the list itself."""
+    docs: list[TensorDoc] = []
+    for i, item in enumerate(raw[key]):
+        where = f"{path}: {key}[{i}] ({item.get('name')})"
+        text = item.get("description", "")
+        if not isinstance(text, str) or "\n" in text or len(text) > 200:
+            raise ModelConfigError(
+                f"{where}.description: must be one line of at most 200 characters"
+            )
+        bounds = item.get("range")
+        pair: tuple[float, float] | None = None
+        if bounds is not None:
+            if (
+                not isinstance(bounds, list)
+                or len(bounds) != 2
+                or any(isinstance(b, bool) or not isinstance(b, int | float) for b in bounds)
+                or not bounds[0] <= bounds[1]
+            ):
+                raise ModelConfigError(
+                    f"{where}.range: must be [lo, hi] with numbers lo <= hi, got {bounds!r}"
+                )
+            pair = (bounds[0], bounds[1])
+        docs.append(TensorDoc(text, pair))
+    # None declared: () as for a config built by hand, so such configs compare equal.
+    return tuple(docs) if any(d != TensorDoc() for d in docs) else ()
 
 
 def discover_versions(model_dir: Path) -> list[int]:

@@ -155,8 +155,18 @@ class ModelHost(Generic[L]):
         settings: ModelsSettings,
         on_refused: Callable[[str, int], None],
     ) -> None:
-        """Bring loaded versions in line with the repository; never leave a model empty."""
+        """Bring loaded versions in line with the repository; never leave a model empty.
+
+        A model whose directory is gone from the repository was removed by the operator:
+        all its versions retire and it is no longer served (an unreadable config.yaml,
+        by contrast, keeps what serves).
+        """
         for name in list(self._lanes):
+            if not await asyncio.to_thread((repo.root / name).exists):
+                log.info("model removed from the repository; retired", extra={"model": name})
+                for lane in self._lanes.pop(name).values():
+                    self._spawn_retire(lane)
+                continue
             try:
                 # Filesystem work (stat, read, parse) off the event loop: a slow or
                 # network-mounted repository must not stall intake.
@@ -195,9 +205,12 @@ class ModelHost(Generic[L]):
             for version in sorted(set(current) - keep):
                 lane = current.pop(version)
                 log.info("model version retired", extra={"model": name, "version": version})
-                task = asyncio.create_task(self._retire_lane(lane))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._spawn_retire(lane)
+
+    def _spawn_retire(self, lane: L) -> None:
+        task = asyncio.create_task(self._retire_lane(lane))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def wait_retired(self) -> None:
         if self._retiring:

@@ -6,10 +6,18 @@ best-effort reply could be published: a final answer that cannot go out is logge
 counted, and its dead letter is the record. Acking only after a successful publish
 would leak one unacked slot per unpublishable reply (MQTT Receive Maximum, the Kafka
 commit point) until the broker stops sending.
+
+Dead letters go two ways at once: published to `broker.dlq_topic` for live observers,
+and appended to the dead-letter store (a capped Redis stream, state/deadletters.py) that
+`inference-worker dlq` reads and replays. A refused delivery is acked only after its
+letter is stored (an outage is waited out: the broker keeps the delivery meanwhile); a
+store that refuses the write (OOM, MISCONF) is logged and counted, and the topic copy is
+then the only one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +35,7 @@ from inference_worker.pipeline.statecalls import StateCalls
 from inference_worker.protocol import Codec, ErrorCode, ProtocolError, WireCodec, error_response
 from inference_worker.settings import Settings
 from inference_worker.state.base import Completion, StateStore
+from inference_worker.state.deadletters import DeadLetterStore, NewDeadLetter
 from inference_worker.transports.base import Delivery, Outgoing, Transport
 
 log = logging.getLogger("inference_worker.pipeline")
@@ -61,6 +70,7 @@ class Outbox:
         worker: str,
         wall_ms: Callable[[], int],
         clock: Callable[[], float],
+        letters: DeadLetterStore,
     ) -> None:
         self._settings = settings
         self._transport = transport
@@ -74,6 +84,7 @@ class Outbox:
         self._worker = worker
         self._wall_ms = wall_ms
         self._clock = clock
+        self.letters = letters
         self._codec = WireCodec(settings.limits.to_limits())  # event-loop thread only
         self._pinned = settings.worker.response_codec
 
@@ -120,7 +131,11 @@ class Outbox:
                 extra={"request_id": r.to.id, "code": code, "reason": r.message},
             )
         try:
-            results = await self._publish([*messages, *map(self._letter, letters)], "error answer")
+            kept = [self._kept(d) for d in letters]
+            results, _ = await asyncio.gather(
+                self._publish([*messages, *map(self._letter, kept)], "error answer"),
+                self._keep(kept),
+            )
             self._stats.responses += sum(e is None for e in results[: len(messages)])
             self._stats.dead_letters += len(letters)
             self._metrics.dead_letters.inc(len(letters))
@@ -193,22 +208,55 @@ class Outbox:
         self._budget.release(size)
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        await self._publish([self._letter(d) for d in letters], "dead letter")
+        """Publish to the dead-letter topic and keep in the store, both at once."""
+        kept = [self._kept(d) for d in letters]
+        await asyncio.gather(
+            self._publish([self._letter(d) for d in kept], "dead letter"), self._keep(kept)
+        )
         self._stats.dead_letters += len(letters)
         self._metrics.dead_letters.inc(len(letters))
 
     # ---- plumbing ---------------------------------------------------------------------
 
-    def _letter(self, d: DeadLetter) -> Outgoing:
+    def _kept(self, d: DeadLetter) -> NewDeadLetter:
+        return NewDeadLetter(
+            d.source,
+            d.code.value,
+            d.message,
+            d.app,
+            d.id,
+            d.model,
+            d.attempts,
+            self._worker,
+            self._wall_ms(),
+        )
+
+    async def _keep(self, letters: Sequence[NewDeadLetter]) -> None:
+        """Append to the dead-letter store; an outage is waited out, a refusal logged."""
+        if not letters:
+            return
+        try:
+            length = await self._calls.retry(lambda: self.letters.add(letters), "dead_letter")
+        except Exception as exc:
+            self._metrics.dead_letter_store_failures.inc(len(letters))
+            self._metrics.state_errors.labels("dead_letter").inc()
+            log.error(
+                "dead letters not stored (published to the topic only)",
+                extra={"count": len(letters), "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return
+        self._metrics.dead_letter_entries.set(length)
+
+    def _letter(self, d: NewDeadLetter) -> Outgoing:
         entry: dict[str, Any] = {
-            "error": {"code": d.code.value, "message": d.message},
+            "error": {"code": d.code, "message": d.message},
             "topic": d.source.topic,
             "payload": d.source.payload,
             "app": d.app,
             "id": d.id,
             "model": d.model,
-            "worker": self._worker,
-            "at_ms": self._wall_ms(),
+            "worker": d.worker,
+            "at_ms": d.at_ms,
         }
         if d.attempts is not None:
             entry["attempts"] = d.attempts

@@ -11,7 +11,11 @@ tell the difference:
   acked) per transport; the rest wait in a broker-side backlog, exactly the flow control
   that MQTT 5 Receive Maximum gives the MQTT transport;
 - unacked messages of a closed member are dropped, not handed to another member, as
-  Mosquitto 2.0 does (design section 11), so tests cannot come to rely on redelivery.
+  Mosquitto 2.0 does (design section 11), so tests cannot come to rely on redelivery;
+- retained messages (`Outgoing.retain`): the broker keeps the last one per topic and
+  hands it to each later plain subscription whose filter matches (shared subscriptions
+  get none, MQTT 5 section 4.8.2); an empty retained payload removes it. Live
+  subscribers get every retained publish, the empty one included, as from Mosquitto.
 
 There is no module-level hub: whoever needs one creates a `MemoryBroker` and passes it
 to every transport that should share it.
@@ -107,6 +111,7 @@ class _Message:
     headers: Mapping[str, str]
     reply_to: str | None
     correlation: bytes | None
+    retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,12 @@ class MemoryBroker:
         self._subscriptions: list[_Subscription] = []
         # Round-robin position per shared group, keyed like Mosquitto: (group, filter).
         self._next_member: dict[tuple[str, str], int] = {}
+        self._retained: dict[str, _Message] = {}
+
+    @property
+    def retained(self) -> dict[str, bytes]:
+        """Topic -> payload of the retained messages held now."""
+        return {topic: m.payload for topic, m in self._retained.items()}
 
     def attach(
         self, transport: MemoryTransport, filters: tuple[str, ...], group: str | None
@@ -130,6 +141,10 @@ class MemoryBroker:
         for topic_filter in filters:
             topics.validate_filter(topic_filter)
         self._subscriptions.extend(_Subscription(f, group, transport) for f in filters)
+        if group is None:
+            for topic, message in sorted(self._retained.items()):
+                if any(topics.matches(f, topic) for f in filters):
+                    transport.offer(message)
 
     def detach(self, transport: MemoryTransport) -> None:
         self._subscriptions = [s for s in self._subscriptions if s.transport is not transport]
@@ -137,6 +152,10 @@ class MemoryBroker:
     def publish(self, message: _Message) -> None:
         """Route `message` to every matching plain subscriber and one member per group."""
         topics.validate_topic(message.topic)
+        if message.retain and message.payload:
+            self._retained[message.topic] = message
+        elif message.retain:
+            self._retained.pop(message.topic, None)
         plain: dict[int, MemoryTransport] = {}
         groups: dict[tuple[str, str], list[MemoryTransport]] = {}
         for sub in self._subscriptions:
@@ -213,15 +232,19 @@ class MemoryTransport:
         reply_to: str | None = None,
         correlation: bytes | None = None,
     ) -> None:
+        self._send(Outgoing(topic, payload, reply_to, correlation, headers))
+
+    def _send(self, m: Outgoing) -> None:
         if not self._started or self._closed:
             raise ConnectionError("memory transport is not started or already closed")
         message = _Message(
-            topic=topic,
-            payload=bytes(payload),
+            topic=m.topic,
+            payload=bytes(m.payload),
             qos=self._options.qos,
-            headers=dict(headers or {}),
-            reply_to=reply_to,
-            correlation=None if correlation is None else bytes(correlation),
+            headers=dict(m.headers or {}),
+            reply_to=m.reply_to,
+            correlation=None if m.correlation is None else bytes(m.correlation),
+            retain=m.retain,
         )
         self._broker.publish(message)
 
@@ -230,13 +253,7 @@ class MemoryTransport:
         for m in messages:
             try:
                 topics.validate_publish_topic(m.topic)
-                await self.publish(
-                    m.topic,
-                    m.payload,
-                    headers=m.headers,
-                    reply_to=m.reply_to,
-                    correlation=m.correlation,
-                )
+                self._send(m)
             except (ConnectionError, ValueError) as exc:
                 results.append(exc)
             else:
