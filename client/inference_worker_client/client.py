@@ -44,9 +44,7 @@ class Reply:
     sends: int  # 1 + resends
 
 
-def reply_address(
-    client_id: str | None, response_topic: str, app: str | None
-) -> tuple[str, str]:
+def reply_address(client_id: str | None, response_topic: str, app: str | None) -> tuple[str, str]:
     """The client id (a fresh one when None) and the reply topic it listens on:
     `<response_topic>/<app or _>/<client id>`, inside the worker's default allow-list."""
     client_id = client_id or f"iw-client-{uuid.uuid4().hex[:12]}"

@@ -20,8 +20,9 @@ import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -41,20 +42,52 @@ def kafka_name(topic: str) -> str:
     return ".".join(levels)
 
 
-def kafka_hosts(url: str) -> str:
-    """`kafka://h1:9092,h2` → `h1:9092,h2:9092` (bootstrap servers)."""
+@dataclass(frozen=True)
+class KafkaAddress:
+    """A `kafka://` URL: bootstrap servers and the consumer settings its query may hold.
+
+    The query takes the worker's parameters, so one URL serves both: `fetch_max_wait_ms`
+    (default 20), `session_timeout_ms` (default 10000) and `partitions` (of a reply topic
+    the client creates; default 1, all one client needs).
+    """
+
+    bootstrap: str
+    fetch_max_wait_ms: int = 20
+    session_timeout_ms: int = 10_000
+    partitions: int = 1
+
+
+def kafka_address(url: str) -> KafkaAddress:
+    """`kafka://h1:9092,h2?fetch_max_wait_ms=5` → bootstrap `h1:9092,h2:9092` and settings."""
     parts = urlsplit(url)
     if parts.username is not None or parts.password is not None:
         raise ValueError("kafka:// URL credentials are not supported: pass username/password")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("kafka:// URL takes no path, query or fragment")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ValueError("kafka:// URL takes no path or fragment")
     hosts = []
     for item in parts.netloc.split(","):
         host, sep, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
         if not host or (sep and not port.isdigit()):
             raise ValueError("kafka:// URL needs host[:port][,host[:port]...]")
         hosts.append(f"{host}:{port or 9092}")
-    return ",".join(hosts)
+    query = parse_qs(parts.query, strict_parsing=bool(parts.query))
+    known = {"fetch_max_wait_ms": 20, "session_timeout_ms": 10_000, "partitions": 1}
+    if set(query) - set(known):
+        raise ValueError(
+            f"kafka:// URL: unknown query parameters {sorted(set(query) - set(known))}"
+        )
+    values = {}
+    for name, default in known.items():
+        text = query.get(name, [str(default)])[-1]
+        if not text.isdigit():
+            raise ValueError(f"kafka:// URL: {name} must be a non-negative integer")
+        values[name] = int(text)
+    return KafkaAddress(
+        ",".join(hosts),
+        fetch_max_wait_ms=values["fetch_max_wait_ms"],
+        session_timeout_ms=max(1000, values["session_timeout_ms"]),
+        partitions=max(1, values["partitions"]),
+    )
 
 
 def security_kwargs(credentials: Credentials) -> dict[str, Any]:
@@ -83,21 +116,20 @@ class KafkaClientTransport:
 
     def __init__(
         self,
-        bootstrap: str,
+        address: KafkaAddress,
         client_id: str,
         reply_to: str,
         credentials: Credentials,
         *,
         connect_timeout_s: float = 30.0,
-        fetch_max_wait_ms: int = 20,
     ) -> None:
-        self.bootstrap = bootstrap
+        self.address = address
+        self.bootstrap = address.bootstrap
         self.client_id = client_id
         self.reply_to = reply_to
         self._reply_topic = kafka_name(reply_to)
         self._security = security_kwargs(credentials)
         self._connect_timeout_s = connect_timeout_s
-        self._fetch_max_wait_ms = fetch_max_wait_ms
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._closed = False
@@ -119,7 +151,9 @@ class KafkaClientTransport:
         try:
             if self._reply_topic not in await admin.list_topics():
                 with contextlib.suppress(TopicAlreadyExistsError):
-                    await admin.create_topics([NewTopic(self._reply_topic, 1, 1)])
+                    await admin.create_topics(
+                        [NewTopic(self._reply_topic, self.address.partitions, 1)]
+                    )
         finally:
             await admin.close()
         self._producer = AIOKafkaProducer(
@@ -133,7 +167,9 @@ class KafkaClientTransport:
             group_id=f"iw-client-{self.client_id}-{uuid.uuid4().hex[:8]}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._fetch_max_wait_ms,
+            fetch_max_wait_ms=self.address.fetch_max_wait_ms,
+            session_timeout_ms=self.address.session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.address.session_timeout_ms // 3),
             **self._security,
         )
         await self._consumer.start()

@@ -8,8 +8,9 @@ than a worker (no shared subscriptions, manual acks or backpressure): the
 on them, ``memory://`` included.
 
 URLs: ``mqtt://[user:pass@]host[:port]`` (default port 1883), ``mqtts://…`` (TLS, default
-port 8883) and ``kafka://host[:port][,host[:port]...]`` (default port 9092; needs the
-``kafka`` extra, imported only when used). Credentials in the URL may be percent-encoded;
+port 8883) and ``kafka://host[:port][,host[:port]...][?fetch_max_wait_ms=M&session_timeout_ms=S]``
+(default port 9092; the worker's URL works as it is; needs the ``kafka`` extra, imported
+only when used). Credentials in the URL may be percent-encoded;
 explicit ``username``/``password`` win over them; they never appear in error messages.
 """
 
@@ -81,9 +82,9 @@ def open_transport(
     if scheme in _MQTT_PORTS:
         return _mqtt(url, scheme, client_id, reply_to, credentials)
     if scheme == "kafka":
-        from inference_worker_client.kafka import KafkaClientTransport, kafka_hosts
+        from inference_worker_client.kafka import KafkaClientTransport, kafka_address
 
-        return KafkaClientTransport(kafka_hosts(url), client_id, reply_to, credentials)
+        return KafkaClientTransport(kafka_address(url), client_id, reply_to, credentials)
     # Never echo the URL: it may carry a password.
     raise ValueError(f"unsupported scheme {scheme!r}; use mqtt://, mqtts:// or kafka://")
 
