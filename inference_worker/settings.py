@@ -45,10 +45,6 @@ class BrokerSettings:
     request_topic: str = "request_message"
     response_topic: str = "response_message"
     dlq_topic: str = "request_message.dlq"
-    # Retained model metadata (MQTT, memory): one topic per model, `{model}` its name.
-    metadata_topic: str = "models/{model}/metadata"
-    # Kafka: one compacted topic for every model's metadata, keyed by the model name.
-    metadata_kafka_topic: str = "models/metadata"
     group: str = "inference-workers"
     client_id: str = ""
     qos: int = 1
@@ -146,6 +142,9 @@ class WorkerSettings:
     claim_group_max: int = 256
     # A claim group is also bounded by the wire bytes it carries (one Redis call each).
     claim_group_max_bytes: int = 8 * 1024 * 1024
+    # Groups between intake and their lanes at once: while one waits for its Redis claim,
+    # the next is decoded, so a request does not queue behind a whole round trip.
+    claim_groups_in_flight: int = 2
     intake_buffer: int = 512
     # Byte budget for requests between receipt and their answer (wire bytes while
     # waiting for decode, decoded tensor bytes once admitted). Over it, intake waits and
@@ -187,14 +186,6 @@ class QuotaSettings:
 
 
 @dataclass(frozen=True)
-class DlqSettings:
-    # Dead letters kept in the state store's capped stream (Redis: XADD MAXLEN ~ N).
-    max_entries: int = 10_000
-    # How often a worker reads the stream's length for its metrics.
-    length_poll_s: float = 15.0
-
-
-@dataclass(frozen=True)
 class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     state: StateSettings = field(default_factory=StateSettings)
@@ -205,7 +196,6 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
-    dlq: DlqSettings = field(default_factory=DlqSettings)
 
 
 ENV_PREFIX = "IW_"
@@ -324,9 +314,5 @@ def load_settings(
         raise SettingsError(
             f"state.max_lease_ms ({state.max_lease_ms}) must be at least state.lease_ms "
             f"({state.lease_ms})"
-        )
-    if sections["dlq"].max_entries < 1:
-        raise SettingsError(
-            f"dlq.max_entries must be at least 1, got {sections['dlq'].max_entries}"
         )
     return Settings(**sections)

@@ -13,7 +13,7 @@ silently with a dead consumer.
 
 Shutdown, in order, within `worker.drain_timeout_s` overall: stop intake (deliveries
 not yet claimed stay unacked and go back to the broker) and recovery → the claim loop
-finishes the group it holds → lanes flush and run what is queued → background answers
+finishes the groups it holds → lanes flush and run what is queued → background answers
 (stores, publishes, acks) finish → pools released. What could not run in time gives up
 its leases, which expire and are re-run elsewhere. Leases are renewed until the end.
 """
@@ -46,7 +46,7 @@ from inference_worker.pipeline.statecalls import StateCalls
 from inference_worker.protocol import WireCodec
 from inference_worker.routing import ReplyPolicy
 from inference_worker.state.base import StateStore
-from inference_worker.state.deadletters import dead_letters_for
+from inference_worker.transports.base import Delivery
 
 log = logging.getLogger("inference_worker.pipeline")
 
@@ -90,7 +90,6 @@ class Worker:
             worker=parts.name,
             wall_ms=parts.wall_ms,
             clock=parts.clock,
-            letters=dead_letters_for(parts.state, s.state.prefix, max_entries=s.dlq.max_entries),
         )
         limits = s.limits.to_limits()
         self.batches = Batches(
@@ -217,13 +216,27 @@ class Worker:
             raise PipelineFailed(f"worker stopped: {self.failure!r}") from self.failure
 
     async def _claim_loop(self) -> None:
-        while (group := await self.intake.next_group()) is not None:
-            self.stats.received += len(group)
-            admitted = await self.admission.admit(group)
-            if admitted.refused:
-                self._spawn(self.outbox.refuse(admitted.refused))
-            if admitted.jobs:
-                await self.claims.claim(admitted.jobs)
+        """Groups from intake through admission and their claim, up to
+        `claim_groups_in_flight` at once (a later group may reach its lane first: acks
+        are per delivery, and the ledger settles a request id claimed twice). A group
+        that fails ends the loop with its error once the others are done."""
+        slots = asyncio.Semaphore(max(1, self.settings.worker.claim_groups_in_flight))
+        try:
+            async with asyncio.TaskGroup() as groups:
+                while (group := await self.intake.next_group()) is not None:
+                    await slots.acquire()
+                    task = groups.create_task(self._claim_group(group))
+                    task.add_done_callback(lambda _: slots.release())
+        except BaseExceptionGroup as failed:  # the watcher names the first error itself
+            raise failed.exceptions[0] from failed
+
+    async def _claim_group(self, group: list[Delivery]) -> None:
+        self.stats.received += len(group)
+        admitted = await self.admission.admit(group)
+        if admitted.refused:
+            self._spawn(self.outbox.refuse(admitted.refused))
+        if admitted.jobs:
+            await self.claims.claim(admitted.jobs)
 
     async def _shutdown(self, first: list[asyncio.Task[Any]], claims: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -239,7 +252,7 @@ class Worker:
         self.intake.end()
         if dropped:
             log.info("unclaimed deliveries left to the broker", extra={"count": dropped})
-        if not claims.done():  # 2. the group being claimed reaches its lane
+        if not claims.done():  # 2. the groups being claimed reach their lanes
             with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(claims), left())
             claims.cancel()
