@@ -1,9 +1,14 @@
 """Running a batch: the model call in the lane's pool, bounded in time, then the outbox.
 
+A model call that raises does not fail its batch: the batch is split and re-run within
+the same attempt until the requests that fail alone are found (`pipeline.poison`);
+everything else is answered at once, and only those take the retry path. The extra
+calls are counted in `iw_isolation_calls_total`, the culprits in `iw_isolated_total`.
+
 The model call is awaited with `worker.compute_timeout_s`: a call that has not returned
-by then counts as a failed attempt of every job in the batch (retried with backoff, or
-`exhausted`), and is counted in `iw_compute_timeouts_total`; its pool thread cannot be
-interrupted and finishes on its own.
+by then counts as a failed attempt of every job in it that is not answered yet (retried
+with backoff, or `exhausted`), and is counted in `iw_compute_timeouts_total`; its pool
+thread cannot be interrupted and finishes on its own, so a timeout is never split.
 
 Storing and publishing run in the background (bounded by `_completing`), so the batcher's
 slot is free for the next batch as soon as the model is done: otherwise the model would
@@ -22,6 +27,7 @@ from inference_worker.metrics import Metrics, WorkerStats
 from inference_worker.pipeline.compute import BatchComputer, Computed
 from inference_worker.pipeline.jobs import Job
 from inference_worker.pipeline.outbox import Outbox
+from inference_worker.pipeline.poison import Failed, isolate
 from inference_worker.protocol import ErrorCode
 
 if TYPE_CHECKING:
@@ -55,18 +61,57 @@ class Batches:
         self.recovery: Recovery | None = None  # set by the assembly (they call each other)
 
     async def run(self, lane: Lane, jobs: list[Job]) -> None:
-        """The batcher's handler: compute, then complete in the background."""
-        computed = await self._compute(lane, jobs)
-        if computed is None:
+        """The batcher's handler: compute, then complete in the background; a failed
+        call is isolated down to the requests that fail it."""
+        outcome = await self._call(lane, jobs)
+        if isinstance(outcome, Computed):
+            await self._answer(jobs, outcome)
             return
-        await self._completing.acquire()  # bounded: a slow Redis slows the batcher down
-        self._spawn(self._complete_then_release(jobs, computed))
+        assert self.recovery is not None
+        if len(jobs) == 1 or not outcome.splittable:
+            await self.recovery.retry_later(jobs, outcome.reason)
+            return
+        found = await isolate(jobs, outcome, lambda group: self._attempt(lane, group))
+        lane.observe.isolation_calls.inc(found.calls)
+        lane.observe.isolated.inc(len(found.culprits))
+        log.warning(
+            "batch failed; isolated the requests that fail it",
+            extra={
+                "model": lane.name,
+                "batch": len(jobs),
+                "culprits": [job.request.id for job, _ in found.culprits][:16],
+                "unresolved": len(found.unresolved),
+                "extra_calls": found.calls,
+            },
+        )
+        by_reason: dict[str, list[Job]] = {}
+        for job, reason in found.culprits:
+            by_reason.setdefault(reason, []).append(job)
+        if found.unresolved:
+            by_reason.setdefault(found.reason or outcome.reason, []).extend(found.unresolved)
+        for reason, failed in by_reason.items():
+            await self.recovery.retry_later(failed, reason)
 
     async def run_alone(self, job: Job) -> None:
         """A take-over: compute and complete before returning."""
-        computed = await self._compute(job.lane, [job])
-        if computed is not None:
-            await self._outbox.complete([job], computed.payloads, "ok")
+        outcome = await self._call(job.lane, [job])
+        if isinstance(outcome, Computed):
+            await self._outbox.complete([job], outcome.payloads, "ok")
+            return
+        assert self.recovery is not None
+        await self.recovery.retry_later([job], outcome.reason)
+
+    async def _attempt(self, lane: Lane, jobs: list[Job]) -> Failed | None:
+        """One isolation step: answer `jobs`, or say how their call failed."""
+        outcome = await self._call(lane, jobs)
+        if isinstance(outcome, Computed):
+            await self._answer(jobs, outcome)
+            return None
+        return outcome
+
+    async def _answer(self, jobs: list[Job], computed: Computed) -> None:
+        await self._completing.acquire()  # bounded: a slow Redis slows the batcher down
+        self._spawn(self._complete_then_release(jobs, computed))
 
     async def expired(self, jobs: list[Job]) -> None:
         """Past-deadline requests: answered (and cached) without compute."""
@@ -78,12 +123,12 @@ class Batches:
         self._stats.errors[code.value] += len(jobs)
         await self._outbox.complete(jobs, payloads, code.value)
 
-    async def _compute(self, lane: Lane, jobs: list[Job]) -> Computed | None:
+    async def _call(self, lane: Lane, jobs: list[Job]) -> Computed | Failed:
+        """The model call in the lane's pool; a failure is returned, not handled."""
         dispatched = self._clock()
         served = lane.served
         loop = asyncio.get_running_loop()
         call = loop.run_in_executor(lane.executor, self.computer, served, jobs, dispatched)
-        assert self.recovery is not None
         try:
             computed = await asyncio.wait_for(call, self._timeout)
         except TimeoutError:
@@ -92,12 +137,13 @@ class Batches:
                 "model call timed out",
                 extra={"model": lane.name, "batch": len(jobs), "timeout_s": self._timeout},
             )
-            await self.recovery.retry_later(jobs, f"model call exceeded {self._timeout}s")
-            return None
+            return Failed(f"model call exceeded {self._timeout}s", splittable=False)
         except Exception as exc:
-            log.exception("inference failed", extra={"model": lane.name, "batch": len(jobs)})
-            await self.recovery.retry_later(jobs, f"inference failed: {type(exc).__name__}: {exc}")
-            return None
+            log.warning(
+                "inference failed",
+                extra={"model": lane.name, "batch": len(jobs), "error": f"{exc!r}"[:500]},
+            )
+            return Failed(f"inference failed: {type(exc).__name__}: {exc}")
         stats = self._stats
         stats.batches += 1
         stats.batch_sizes[len(jobs)] += 1
