@@ -60,8 +60,12 @@ class ReplyPolicy:
     set lookup, `prefix/{app}/#` a prefix test; anything else falls back to
     `check_reply_topic`. `transport_check` (Transport.check_topic) refuses names the
     broker itself would refuse (too long for MQTT, illegal for Kafka), so an answer is
-    never addressed to a topic that cannot be published.
+    never addressed to a topic that cannot be published. Accepted (topic, app) pairs are
+    remembered (a few thousand; clients reuse their reply topics), so the common case is
+    one dict lookup per request.
     """
+
+    _REMEMBERED = 4096
 
     def __init__(
         self, allowed: Sequence[str], transport_check: Callable[[str], None] | None = None
@@ -79,9 +83,12 @@ class ReplyPolicy:
             else:
                 self._general.append(p)
         self._transport_check = transport_check
+        self._accepted: set[tuple[str, str]] = set()
 
     def check(self, topic: str, *, app: str) -> str:
         """`topic` if an answer for `app` may go there; else raise BAD_REQUEST."""
+        if (topic, app) in self._accepted:
+            return topic
         if not topic or _has_wildcards(topic) or topic.startswith("$") or "\x00" in topic:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"reply topic {topic!r} is not allowed")
         if not self._matches(topic, app):
@@ -96,6 +103,9 @@ class ReplyPolicy:
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST, f"reply topic cannot be published: {exc}"
                 ) from None
+        if len(self._accepted) >= self._REMEMBERED:
+            self._accepted.clear()
+        self._accepted.add((topic, app))
         return topic
 
     def _matches(self, topic: str, app: str) -> bool:
