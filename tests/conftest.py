@@ -9,6 +9,14 @@ import pytest
 from tests.servers import Server, kafka_server, mosquitto_server, redis_server
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The fleet nemesis (tests/fleet/test_nemesis.py): its CI form runs about a minute per
+    # transport with a fixed seed; these run it longer or with another schedule.
+    group = parser.getgroup("soak", "randomized fault schedule (tests/fleet)")
+    group.addoption("--soak-minutes", type=float, default=None, help="nemesis run time")
+    group.addoption("--soak-seed", type=int, default=None, help="nemesis schedule seed")
+
+
 @pytest.fixture(scope="session")
 def mosquitto() -> Iterator[Server]:
     with mosquitto_server() as srv:

@@ -185,6 +185,7 @@ class Network:
         self._addresses = itertools.count(2)
         self._cuts: set[tuple[str, str]] = set()
         self._loss: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}  # by rules since deleted, per host
         _run(["ip", "netns", "add", self.bridge_ns])
         try:
             _run(["ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge"])
@@ -238,8 +239,10 @@ class Network:
             return
         ha, hb = self.hosts[key[0]], self.hosts[key[1]]
         for h, other in ((ha, hb), (hb, ha)):
+            before = self._chain_drops(h.name)
             for flag in ("-s", "-d"):
                 h.iptables("-D", "IWF-CUT", flag, other.ip, "-j", "DROP", check=False)
+            self._keep_drops(h.name, before)
         self._cuts.discard(key)  # type: ignore[arg-type]
 
     def isolate(self, name: str) -> None:
@@ -255,7 +258,9 @@ class Network:
             raise ValueError(f"loss probability {probability} not in (0, 1)")
         for name in names if names is not None else list(self.hosts):
             host = self.hosts[name]
+            before = self._chain_drops(name)
             host.iptables("-F", "IWF-LOSS")
+            self._keep_drops(name, before)
             p = f"{probability:.4f}"
             host.iptables(
                 "-A", "IWF-LOSS", "-m", "statistic", "--mode", "random", "--probability", p,
@@ -265,7 +270,9 @@ class Network:
 
     def lossless(self) -> None:
         for name in list(self._loss):
+            before = self._chain_drops(name)
             self.hosts[name].iptables("-F", "IWF-LOSS", check=False)
+            self._keep_drops(name, before)
         self._loss.clear()
 
     def heal_all(self) -> None:
@@ -274,7 +281,14 @@ class Network:
         self.lossless()
 
     def dropped(self, name: str) -> int:
-        """Packets the fault chains of host `name` have dropped so far (proof they bite)."""
+        """Packets the fault rules of host `name` have dropped so far, those since deleted
+        included (proof that the faults bit)."""
+        return self._dropped.get(name, 0) + self._chain_drops(name)
+
+    def _keep_drops(self, name: str, before: int) -> None:
+        self._dropped[name] = self._dropped.get(name, 0) + before - self._chain_drops(name)
+
+    def _chain_drops(self, name: str) -> int:
         out = self.hosts[name].iptables("-L", "-v", "-n", "-x", check=False).stdout
         total = 0
         for line in out.splitlines():
