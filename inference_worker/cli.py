@@ -99,6 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             child_args=_child_args(args),
             env=os.environ,
         )
+    sys.setswitchinterval(settings.worker.switch_interval_ms / 1000)
     asyncio.run(_serve(settings))
     return 0
 

@@ -145,6 +145,11 @@ class WorkerSettings:
     # Groups between intake and their lanes at once: while one waits for its Redis claim,
     # the next is decoded, so a request does not queue behind a whole round trip.
     claim_groups_in_flight: int = 2
+    # The interpreter's thread switch interval (sys.setswitchinterval), for `run`: the
+    # event loop gives up the GIL on every system call and may then wait this long behind
+    # a pool thread running Python (decode, encode). CPython's default is 5 ms; 0.5 halved
+    # the open-loop p50 here (benchmarks/RESULTS.md).
+    switch_interval_ms: float = 0.5
     intake_buffer: int = 512
     # Byte budget for requests between receipt and their answer (wire bytes while
     # waiting for decode, decoded tensor bytes once admitted). Over it, intake waits and
