@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from inference_worker.metrics import Metrics
@@ -123,7 +124,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         prefix: str,
         name: str,
@@ -206,7 +207,7 @@ class Heartbeat:
 # ---------------------------------------------------------------------------- status
 
 
-async def read_fleet(client: aioredis.Redis, prefix: str) -> list[dict[str, Any]]:
+async def read_fleet(client: aioredis.Redis | RedisCluster, prefix: str) -> list[dict[str, Any]]:
     """Every worker record under `prefix`, with `age_s` (Redis clock) and `stale`."""
     base = worker_key(prefix, "")
     keys = sorted([k async for k in client.scan_iter(match=_glob_escape(base) + "*", count=500)])

@@ -7,16 +7,16 @@ with `retry_after_ms` and costs no compute and no ledger entry.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inference_worker.state.base import StateFailed, StateUnavailable
+from inference_worker.state.connect import OUTAGE, by_slot
 from inference_worker.state.scripts import script_source
 
 
@@ -30,6 +30,7 @@ class RedisQuota:
     def __init__(self, client: Any, prefix: str, *, rate: float, burst: int) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("quota rate must be > 0 and burst >= 1")
+        self._client = client
         self._prefix = prefix
         self._rate = rate
         self._burst = burst
@@ -38,18 +39,28 @@ class RedisQuota:
     async def take(self, apps: Sequence[str]) -> list[int]:
         if not apps:
             return []
-        index: dict[str, int] = {}
-        for app in apps:
-            index.setdefault(app, len(index) + 1)
-        keys = [f"{self._prefix}quota:{len(app.encode())}:{app}" for app in index]
-        args = [self._rate, self._burst, *(index[app] for app in apps)]
-        try:
-            result = await self._script(keys=keys, args=args)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StateUnavailable(f"quota check: {exc}") from exc
-        except ResponseError as exc:
-            raise StateFailed(f"quota check: {exc}") from None
-        return [int(v) for v in result]
+        distinct = list(dict.fromkeys(apps))
+        keys = [f"{self._prefix}quota:{len(app.encode())}:{app}" for app in distinct]
+        # A Redis Cluster runs a script over keys of one slot only: one call per slot of
+        # the group's apps, concurrently (one call for the group on a single Redis).
+        calls = []
+        for members in by_slot(self._client, keys):
+            place = {distinct[i]: k + 1 for k, i in enumerate(members)}  # KEYS index
+            mine = [j for j, app in enumerate(apps) if app in place]
+            args = [self._rate, self._burst, *(place[apps[j]] for j in mine)]
+            calls.append((mine, self._script(keys=[keys[i] for i in members], args=args)))
+        results = await asyncio.gather(*(call for _, call in calls), return_exceptions=True)
+        out = [0] * len(apps)
+        for (mine, _), result in zip(calls, results, strict=True):
+            if isinstance(result, OUTAGE):
+                raise StateUnavailable(f"quota check: {result}") from result
+            if isinstance(result, ResponseError):
+                raise StateFailed(f"quota check: {result}") from None
+            if isinstance(result, BaseException):
+                raise result
+            for j, value in zip(mine, result, strict=True):
+                out[j] = int(value)
+        return out
 
 
 class MemoryQuota:

@@ -159,8 +159,8 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # The hosts as written (several for a Redis Cluster URL, `h1:p1,h2:p2`, which
+    # `parts.port` cannot parse; IPv6 brackets kept).
+    host = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

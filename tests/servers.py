@@ -11,9 +11,11 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -262,3 +264,132 @@ def kafka_server(*, durable: bool = False) -> Iterator[Server]:
             yield srv
         finally:
             srv.stop()
+
+
+# ---------------------------------------------------------------------------- Redis Cluster
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """`n` free ports whose cluster bus ports (port + 10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port + 10000 >= 65536 or port in ports:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 10000))
+            ports.append(port)
+    return ports
+
+
+def _node_lines(port: int) -> list[list[str]]:
+    """`CLUSTER NODES` of the node on `port`, one split line per node."""
+    import redis
+
+    with redis.Redis(port=port, socket_timeout=5) as r:
+        text = r.execute_command("CLUSTER", "NODES")  # raw text, not the parsed map
+    raw = text.decode() if isinstance(text, bytes) else str(text)
+    return [line.split() for line in raw.splitlines() if line.strip()]
+
+
+@dataclass
+class ClusterServer:
+    """A Redis Cluster of 3 primaries and 3 replicas, each a child `redis-server`."""
+
+    nodes: list[Server]
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return self.url_with("")
+
+    def url_with(self, query: str) -> str:
+        """`redis+cluster://` naming every node (the client needs one that answers)."""
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return f"redis+cluster://{hosts}/" + (f"?{query}" if query else "")
+
+    def alive(self) -> list[Server]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def primaries(self) -> list[Server]:
+        """The live nodes that are primaries with slots now."""
+        by_port = {n.port: n for n in self.alive()}
+        seen = self.alive()[0].port
+        out = []
+        for fields in _node_lines(seen):
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            serving = "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8
+            if serving and port in by_port:
+                out.append(by_port[port])
+        return out
+
+    def wait_healthy(self, within_s: float = 30.0) -> None:
+        """Until every live node says `cluster_state:ok` and every slot has a live primary
+        whose replicas (if any are alive) are in sync: a failover then has a replica to
+        promote."""
+        import redis
+
+        def node_ok(port: int) -> bool:
+            with redis.Redis(port=port, socket_timeout=5) as r:
+                state = r.execute_command("CLUSTER", "INFO")
+                link = r.info("replication").get("master_link_status", "up")
+            return b"cluster_state:ok" in state and link == "up"
+
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                if all(node_ok(n.port) for n in self.alive()) and len(self.primaries()) == 3:
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Redis Cluster not healthy after {within_s}s")
+            time.sleep(0.1)
+
+    def kill_primary(self, which: int = 0) -> Server:
+        """`kill -9` a primary, then wait until its replica has taken over its slots."""
+        victim = self.primaries()[which]
+        victim.stop(kill=True)
+        self.wait_healthy()
+        return victim
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@contextmanager
+def redis_cluster_server(*, node_timeout_ms: int = 1000) -> Iterator[ClusterServer]:
+    """Six `redis-server --cluster-enabled yes` on free ports (AOF on, each in its own
+    directory), joined by `redis-cli --cluster create … --cluster-replicas 1`.
+
+    `node_timeout_ms` is how long a silent primary takes to be declared failed (its
+    replica is promoted right after): short, so a failover happens within a test.
+    """
+    binary = require_binary("redis-server")
+    cli = require_binary("redis-cli")
+    with tempfile.TemporaryDirectory(prefix="iw-rcluster-") as tmp:
+        nodes = []
+        for port in _cluster_ports(6):
+            workdir = Path(tmp) / str(port)
+            workdir.mkdir()
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            argv += ["--cluster-node-timeout", str(node_timeout_ms)]
+            # Any replica may be promoted, however long ago it last heard its primary.
+            argv += ["--cluster-replica-validity-factor", "0"]
+            argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
+            nodes.append(Server("redis", port, argv, workdir))
+        cluster = ClusterServer(nodes, Path(tmp))
+        try:
+            for node in nodes:
+                node.start()
+            create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
+            create += ["--cluster-replicas", "1", "--cluster-yes"]
+            done = subprocess.run(create, capture_output=True, timeout=60, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]!r}")
+            cluster.wait_healthy()
+            yield cluster
+        finally:
+            cluster.close()

@@ -1,8 +1,10 @@
 """Idempotency state stores (design sections 2 and 6): the contract and its two backends.
 
 `open_state(url)` picks the backend from the URL scheme so configuration stays a string:
-`memory://` (in-process, nothing persists), `redis://` / `rediss://` (shared by the fleet)
-or `none://` (no idempotency: for measuring what the ledger costs).
+`memory://` (in-process, nothing persists), `redis://` / `rediss://` (shared by the fleet),
+`redis+cluster://h1:p1,h2:p2,…/` / `rediss+cluster://…` (a Redis Cluster, the ledger
+sharded over its primaries: layout.py) or `none://` (no idempotency: for measuring what
+the ledger costs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from inference_worker.state.base import (
     StateStore,
     StateUnavailable,
 )
+from inference_worker.state.connect import CLUSTER_SCHEMES
 from inference_worker.state.keys import member, parse_member
 from inference_worker.state.memory import MemoryStateStore
 from inference_worker.state.null import NullStateStore
@@ -62,9 +65,9 @@ def open_state(url: str, *, prefix: str = "iw:", **security: Any) -> StateStore:
         return MemoryStateStore()
     if scheme == "none":
         return NullStateStore()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
         return RedisStateStore(url, prefix=prefix, **security)
     raise ValueError(
-        f"unsupported state store URL {redact_url(url)!r}: "
-        "expected memory://, redis://, rediss://, unix:// or none://"
+        f"unsupported state store URL {redact_url(url)!r}: expected memory://, redis://, "
+        "rediss://, unix://, redis+cluster://, rediss+cluster:// or none://"
     )

@@ -3,11 +3,14 @@
 -- KEYS: for item i (1-based): KEYS[2i-1] = req hash, KEYS[2i] = resp string;
 --       KEYS[2n+1] = leases zset, KEYS[2n+2] = retry zset.
 -- ARGV: [1] lease_ms, [2] max_attempts, [3] nonce, [4] req key prefix `{p}req:`,
---       then per item i (base = 4 + 5(i-1)): fp, payload, topic, reply_to, correlation.
---       reply_to and correlation are '' when absent, else '=' followed by the value.
+--       then per item i (base = 4 + 6(i-1)): index, fp, payload, topic, reply_to,
+--       correlation. reply_to and correlation are '' when absent, else '=' followed by
+--       the value. `index` is the item's place in the caller's whole group (0-based):
+--       on Redis Cluster a group is split into one call per shard, and the tokens must
+--       still name the place in the group.
 -- Returns one entry per item: {outcome, attempts} or {'done', attempts, response}.
 -- 'new' and 'exhausted' mean the caller now holds the lease under token
--- `nonce .. ':' .. (i - 1)`; for 'exhausted' only to complete the record with the
+-- `nonce .. ':' .. index`; for 'exhausted' only to complete the record with the
 -- `exhausted` error response (never run it).
 --
 -- The token is built from the caller's nonce (scripts must be deterministic: no
@@ -35,9 +38,9 @@ end
 
 local function take(req, b, token, member, attempts)
   redis.call('DEL', req)
-  redis.call('HSET', req, 'state', 'pending', 'fp', ARGV[b + 1], 'attempts', attempts,
-    'payload', ARGV[b + 2], 'topic', ARGV[b + 3])
-  local reply_to, corr = ARGV[b + 4], ARGV[b + 5]
+  redis.call('HSET', req, 'state', 'pending', 'fp', ARGV[b + 2], 'attempts', attempts,
+    'payload', ARGV[b + 3], 'topic', ARGV[b + 4])
+  local reply_to, corr = ARGV[b + 5], ARGV[b + 6]
   if reply_to ~= '' then redis.call('HSET', req, 'reply_to', string.sub(reply_to, 2)) end
   if corr ~= '' then redis.call('HSET', req, 'corr', string.sub(corr, 2)) end
   lease(req, token, member, 0)
@@ -46,8 +49,8 @@ end
 
 for i = 1, n do
   local req, resp = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 4 + 5 * (i - 1)
-  local fp, token, member = ARGV[b + 1], nonce .. ':' .. (i - 1), member_of(req, req_prefix)
+  local b = 4 + 6 * (i - 1)
+  local fp, token, member = ARGV[b + 2], nonce .. ':' .. ARGV[b + 1], member_of(req, req_prefix)
   local h = redis.call('HMGET', req, 'state', 'fp', 'token', 'lease_until', 'attempts',
     'exhausted')
   local state, attempts = h[1], tonumber(h[5]) or 0

@@ -1,18 +1,21 @@
-"""Redis-backed idempotency ledger (design sections 2 steps 3/4/7, 6 and 11).
+"""Redis-backed idempotency ledger (design sections 2 steps 3/4/7, 6 and 11), on one
+Redis or on a Redis Cluster.
 
 Every group operation is ONE `EVALSHA` of a Lua script shipped next to this module (its
-body after the shared `preamble.lua`, composed by scripts.py), so a batch of N requests
-costs one round trip, and each item is decided atomically against every other worker.
-The scripts read `TIME` on the server, so lease deadlines do not depend on worker clocks.
+body after the shared `preamble.lua`, composed by scripts.py) per shard the group
+touches, so a batch of N requests costs one round trip on a single Redis (one shard), and
+each item is decided atomically against every other worker. The scripts read `TIME` on
+the server, so lease deadlines do not depend on worker clocks.
 
-Key layout (prefix `p`, default `iw:`), with `m = member(app, id)`:
+Key layout (layout.py): shard base `b` is the prefix (`iw:`) on a single Redis, and
+`{prefix}{{tag}}:` for each of the shards of a cluster; with `m = member(app, id)`:
 
-- `{p}req:{m}`  hash   — state, fp, token, lease_until (ms), attempts, and the journal:
+- `{b}req:{m}`  hash   — state, fp, token, lease_until (ms), attempts, and the journal:
   payload (the raw request bytes), topic, reply_to and corr (when the request had them)
-- `{p}resp:{m}` string — response bytes, TTL `result_ttl_s` (the done req hash shares it)
-- `{p}leases`   zset   — member `m`, score = lease deadline ms (read by the reaper)
-- `{p}retry`    zset   — member `m`, score = next-attempt time ms (`schedule_retry`)
-- `{p}takeover:{nonce}` list — members one reap/retry call took (TTL lease_ms), so a
+- `{b}resp:{m}` string — response bytes, TTL `result_ttl_s` (the done req hash shares it)
+- `{b}leases`   zset   — member `m`, score = lease deadline ms (read by the reaper)
+- `{b}retry`    zset   — member `m`, score = next-attempt time ms (`schedule_retry`)
+- `{b}takeover:{nonce}` list — members one reap/retry call took (TTL lease_ms), so a
   replayed call answers the same records (see takeover.lua)
 
 The req hash also keeps `lease_ms` (length of the current lease: a parked retry stays
@@ -20,38 +23,42 @@ leased until its retry time + that), `taken_at` (ms, when the current token took
 lease: renewals stop `max_lease_ms` after it) and `exhausted` (the current lease was
 handed out only to close the record). The scripts derive each zset member from its req
 key, so a member travels once per item. `member(app, id)` (keys.py) encodes apps and ids
-that contain `:` unambiguously. For Redis Cluster every key of a call must hash to one
-slot (the takeover script builds req keys from zset members): use a hash-tagged prefix
-such as `{iw}:`.
+that contain `:` unambiguously.
 
-Security. `rediss://` (TLS ≥ 1.2, hostname checked, CA file or system CAs, optional
-client certificate) and an ACL user (`redis://user:pass@host` or `username`/`password`,
-which win over the URL) limited to the key prefix: brokers/redis/users.acl.example lists
-the commands the store needs (Redis checks the commands run inside scripts too). `start()`
-probes them (PING, CLIENT SETNAME, SCRIPT LOAD, an empty EVALSHA on the prefix's keys), so
-refused credentials or a missing permission fail there with `StateAccessDenied` naming the
-user and the URL (never the password).
+Cluster. Every script call names keys of one shard, hence one slot. A group spanning
+shards is one call per shard, run concurrently and joined in the group's order; claim
+tokens still name the item's place in the whole group (claim.lua takes it per item). When
+one shard's call fails the group raises (the caller repeats it: the shards that did
+answer replay). A sweep (`reap_expired`, `due_retries`) peeks at every shard first (sweep.py),
+so it still takes at most `limit` records, oldest first.
 
-Errors. Connection refused/reset/timeout (and LOADING, BUSY, TRYAGAIN, MASTERDOWN: the
-server will answer soon) raise `StateUnavailable`, which the caller retries; any other
-error reply (OOM, MISCONF, READONLY, NOSCRIPT after the reload failed, a script error)
-raises `StateFailed` with the server's message. The `#!lua` shebang of the preamble has
-Redis refuse a script under OOM/MISCONF/READONLY before it runs, never half way.
+Security (connect.py: TLS, ACL user). brokers/redis/users.acl.example lists the commands
+the store needs (Redis checks the commands run inside scripts too). `start()` probes them
+(PING, CLIENT SETNAME, SCRIPT LOAD, an empty EVALSHA on the prefix's keys), so refused
+credentials or a missing permission fail there with `StateAccessDenied` naming the user
+and the URL (never the password).
+
+Errors. An outage (connect.py: connection refused/reset/timeout, LOADING, BUSY, TRYAGAIN,
+MASTERDOWN, a cluster failover) raises `StateUnavailable`, which the caller retries; any
+other error reply (OOM, MISCONF, READONLY, NOSCRIPT after the reload failed, a script
+error) raises `StateFailed` with the server's message. The `#!lua` shebang of the preamble
+has Redis refuse a script under OOM/MISCONF/READONLY before it runs, never half way.
 
 Durability is that of the Redis deployment (AOF `everysec`: up to ~1 s of claims can be
-lost on a crash). Scripts are not persisted by Redis; after a restart or SCRIPT FLUSH the
-`Script` object sees NOSCRIPT and reloads transparently.
+lost on a crash; a cluster failover loses what the replica had not received yet, see
+docs/reliability.md). Scripts are not persisted by Redis; after a restart, a failover or
+SCRIPT FLUSH the `Script` object sees NOSCRIPT and reloads transparently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     AuthenticationError,
@@ -60,11 +67,9 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from inference_worker.journal import JournalEntry
 from inference_worker.security import TlsOptions, redact_url, redis_kwargs
+from inference_worker.state import sweep
 from inference_worker.state.base import (
     Abandon,
     ClaimOutcome,
@@ -78,6 +83,13 @@ from inference_worker.state.base import (
     StateFailed,
     StateUnavailable,
 )
+from inference_worker.state.connect import (
+    OUTAGE,
+    check_cluster,
+    is_cluster_url,
+    open_client,
+    transient_reply,
+)
 from inference_worker.state.keys import (
     check_claim_args,
     check_delay,
@@ -90,29 +102,13 @@ from inference_worker.state.keys import (
     new_token,
     parse_member,
 )
+from inference_worker.state.layout import KeyLayout, Shard
 from inference_worker.state.scripts import SCRIPTS, script_source
 
 __all__ = ["RedisStateStore", "member", "parse_member", "redact_url"]
 
-# Connection settings, chosen for a worker that must notice a dead Redis quickly:
-# - connect timeout 5 s: a cold TCP/TLS handshake is far below that, a black hole is not;
-# - socket (read) timeout 10 s: a 500-item script runs in milliseconds, so 10 s means
-#   the server is gone or stuck, and the worker's error handling should take over;
-# - health_check_interval 30 s: a PING before reusing a connection idle that long, so a
-#   connection cut by a NAT/LB while idle is replaced instead of failing a claim;
-# - 3 retries with jittered backoff (50 ms .. 1 s) on connection errors: rides over a
-#   Redis restart. A retried EVALSHA may run twice; the scripts make that harmless
-#   (a claim replayed with the same nonce answers as before, a completion `True`, a
-#   takeover the records it took).
-_CONNECT_TIMEOUT_S = 5.0
-_SOCKET_TIMEOUT_S = 10.0
-_HEALTH_CHECK_S = 30
-_RETRIES = 3
-
-
-# Error replies that mean "the server will answer soon" (loading its data set, running a
-# long script, a cluster failover): retried like an outage. Every other one is final.
-_TRANSIENT = (b"LOADING", b"BUSY", b"TRYAGAIN", b"MASTERDOWN")
+Call = tuple[list[str], list[Any]]  # one script call's keys and args
+_PROBE_ERRORS: tuple[type[BaseException], ...] = (RedisError, RuntimeError, *OUTAGE)
 
 
 def _optional(value: str | bytes | None) -> bytes:
@@ -122,12 +118,9 @@ def _optional(value: str | bytes | None) -> bytes:
     return b"=" + (value.encode() if isinstance(value, str) else value)
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
 class RedisStateStore:
-    """`StateStore` over one pooled `redis.asyncio.Redis` client (bytes responses)."""
+    """`StateStore` over one pooled `redis.asyncio` client (bytes responses): a `Redis`,
+    or a `RedisCluster` for `redis+cluster://` / `rediss+cluster://` URLs."""
 
     def __init__(
         self,
@@ -138,52 +131,56 @@ class RedisStateStore:
         password: str | None = None,
         tls: TlsOptions | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        # Checks the TLS options against the scheme now; the password stays out of repr.
-        self._security = redis_kwargs(url, username=username, password=password, tls=tls)
+        # Checks the URL and the TLS options against the scheme now.
+        if is_cluster_url(url):
+            cluster = check_cluster(url, tls)
+            url_user = cluster.username
+            self.layout = KeyLayout.sharded(prefix, cluster.shards)
+        else:
+            parts = urlsplit(url)
+            url_user = parts.username and unquote(parts.username)
+            self.layout = KeyLayout.plain(prefix)
+            redis_kwargs(url, username=username, password=password, tls=tls)
         self._url = url
+        self._username, self._password, self._tls = username, password, tls
         # Who we log in as, for error messages ("default" is Redis's user without a name).
-        self.user = username or (parts.username and unquote(parts.username)) or "default"
+        self.user = username or url_user or "default"
         self._prefix = prefix
-        self._req_prefix = f"{prefix}req:"
-        self._leases_key = f"{prefix}leases"
-        self._retry_key = f"{prefix}retry"
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis | RedisCluster:
         """The live client (after `start()`); the reaper and status commands share it."""
         if self._client is None:
             raise RuntimeError("RedisStateStore used before start()")
         return self._client
 
     @property
+    def url(self) -> str:
+        return self._url
+
+    @property
     def prefix(self) -> str:
         return self._prefix
 
     def req_key(self, app: str, id: str) -> str:
-        return f"{self._prefix}req:{member(app, id)}"
+        m = member(app, id)
+        return self.layout.shard_of(m).req_prefix + m
 
     def resp_key(self, app: str, id: str) -> str:
-        return f"{self._prefix}resp:{member(app, id)}"
+        m = member(app, id)
+        return self.layout.shard_of(m).resp_prefix + m
 
     async def start(self) -> None:
         """Connect, ping and preload the scripts so the first group is one round trip.
 
-        An empty claim (no items, only the prefix's zset keys) then checks EVALSHA and the
+        An empty claim (no items, only a shard's zset keys) then checks EVALSHA and the
         key pattern, so an ACL user that could not work fails here, not on first traffic.
+        On a cluster SCRIPT LOAD goes to every primary.
         """
-        client = aioredis.Redis.from_url(
-            self._url,
-            decode_responses=False,
-            socket_connect_timeout=_CONNECT_TIMEOUT_S,
-            socket_timeout=_SOCKET_TIMEOUT_S,
-            socket_keepalive=True,
-            health_check_interval=_HEALTH_CHECK_S,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), _RETRIES),
-            client_name="inference-worker",
-            **self._security,
+        client = open_client(
+            self._url, username=self._username, password=self._password, tls=self._tls
         )
         try:
             await client.ping()
@@ -191,20 +188,21 @@ class RedisStateStore:
                 script = client.register_script(script_source(name))
                 await client.script_load(script.script)
                 self._scripts[name] = script
+            first = self.layout.shards[0]
             await self._scripts["claim.lua"](
-                keys=[self._leases_key, self._retry_key], args=[1, 1, "start", self._req_prefix]
+                keys=[first.leases, first.retry], args=[1, 1, "start", first.req_prefix]
             )
         except (AuthenticationError, AuthorizationError) as exc:
             await client.aclose()
-            raise StateAccessDenied(
-                f"Redis at {redact_url(self._url)} refused the credentials of user "
-                f"{self.user!r}: {exc}"
-            ) from None
+            raise StateAccessDenied(self._refused(exc)) from None
         except NoPermissionError as exc:
             await client.aclose()
             raise StateAccessDenied(self._denied(exc)) from None
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except OUTAGE as exc:
             await client.aclose()
+            # The cluster client wraps what its startup nodes answered.
+            if isinstance(exc.__cause__, AuthenticationError | AuthorizationError):
+                raise StateAccessDenied(self._refused(exc.__cause__)) from None
             raise StateUnavailable(
                 f"Redis state store unreachable at {redact_url(self._url)}: {exc}"
             ) from exc
@@ -212,6 +210,11 @@ class RedisStateStore:
             await client.aclose()
             raise self._failed(exc) from None
         self._client = client
+
+    def _refused(self, exc: BaseException) -> str:
+        return (
+            f"Redis at {redact_url(self._url)} refused the credentials of user {self.user!r}: {exc}"
+        )
 
     def _denied(self, exc: Exception) -> str:
         return (
@@ -229,7 +232,7 @@ class RedisStateStore:
         """True when Redis answers; False (not an exception) for health probes."""
         try:
             return bool(await self.client.ping())
-        except (RedisError, OSError, RuntimeError):
+        except _PROBE_ERRORS:
             return False
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> list[Any]:
@@ -240,12 +243,26 @@ class RedisStateStore:
         except NoPermissionError as exc:
             # Retried like an outage (the worker backs off): fixing the ACL recovers.
             raise StateAccessDenied(self._denied(exc)) from None
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except OUTAGE as exc:
             # The worker retries on StateUnavailable without knowing this is Redis.
             raise StateUnavailable(f"Redis at {redact_url(self._url)}: {exc}") from exc
         except ResponseError as exc:
             raise self._failed(exc) from None
         return list(result)
+
+    async def _run_each(self, name: str, calls: Sequence[Call]) -> list[list[Any]]:
+        """One call per shard, concurrently; all answered, or the first error raised."""
+        if len(calls) == 1:
+            return [await self._run(name, *calls[0])]
+        results = await asyncio.gather(
+            *(self._run(name, keys, args) for keys, args in calls), return_exceptions=True
+        )
+        out: list[list[Any]] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            out.append(result)
+        return out
 
     def _failed(self, exc: ResponseError) -> StateUnavailable | StateFailed:
         """The error reply as the contract's error: transient ones are an outage."""
@@ -254,9 +271,25 @@ class RedisStateStore:
         code = getattr(exc, "status_code", None)
         text = f"{code} {exc}" if code else str(exc)
         message = f"Redis at {redact_url(self._url)}: {text}"
-        if text.encode().startswith(_TRANSIENT):
+        if transient_reply(exc, text):
             return StateUnavailable(message)
         return StateFailed(message)
+
+    async def _grouped(
+        self,
+        name: str,
+        members: Sequence[str],
+        build: Callable[[Shard, list[int]], Call],
+    ) -> list[Any]:
+        """Run `name` once per shard of `members` (`build` makes each call from the
+        shard and its items' positions); one answer per member, in the members' order."""
+        groups = self.layout.group(members)
+        answers = await self._run_each(name, [build(shard, idx) for shard, idx in groups])
+        out: list[Any] = [None] * len(members)
+        for (_, idx), rows in zip(groups, answers, strict=True):
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = row
+        return out
 
     async def claim(
         self, items: Sequence[ClaimRequest], *, nonce: str, lease_ms: int, max_attempts: int
@@ -265,15 +298,19 @@ class RedisStateStore:
         check_nonce(nonce)
         if not items:
             return []
-        keys: list[str] = []
-        args: list[Any] = [lease_ms, max_attempts, nonce, self._req_prefix]
-        for item in items:
-            s = item.source
-            keys += [self.req_key(item.app, item.id), self.resp_key(item.app, item.id)]
-            args += [item.fingerprint, s.payload, s.topic]
-            args += [_optional(s.reply_to), _optional(s.correlation)]
-        keys += [self._leases_key, self._retry_key]
-        rows = await self._run("claim.lua", keys, args)
+        members = [member(item.app, item.id) for item in items]
+
+        def build(shard: Shard, idx: list[int]) -> Call:
+            keys: list[str] = []
+            args: list[Any] = [lease_ms, max_attempts, nonce, shard.req_prefix]
+            for i in idx:
+                s = items[i].source
+                keys += [shard.req_prefix + members[i], shard.resp_prefix + members[i]]
+                args += [i, items[i].fingerprint, s.payload, s.topic]
+                args += [_optional(s.reply_to), _optional(s.correlation)]
+            return [*keys, shard.leases, shard.retry], args
+
+        rows = await self._grouped("claim.lua", members, build)
         out: list[ClaimResult] = []
         for i, row in enumerate(rows):
             token = claim_token(nonce, i)
@@ -291,21 +328,28 @@ class RedisStateStore:
         check_ttl(result_ttl_s)
         if not items:
             return []
-        keys: list[str] = []
-        args: list[Any] = [result_ttl_s, self._req_prefix]
-        for item in items:
-            keys += [self.req_key(item.app, item.id), self.resp_key(item.app, item.id)]
-            args += [item.token, item.response]
-        keys += [self._leases_key, self._retry_key]
-        return [bool(x) for x in await self._run("complete.lua", keys, args)]
+        members = [member(item.app, item.id) for item in items]
+
+        def build(shard: Shard, idx: list[int]) -> Call:
+            keys: list[str] = []
+            args: list[Any] = [result_ttl_s, shard.req_prefix]
+            for i in idx:
+                keys += [shard.req_prefix + members[i], shard.resp_prefix + members[i]]
+                args += [items[i].token, items[i].response]
+            return [*keys, shard.leases, shard.retry], args
+
+        return [bool(x) for x in await self._grouped("complete.lua", members, build)]
 
     async def abandon(self, items: Sequence[Abandon]) -> list[bool]:
         if not items:
             return []
-        keys = [self.req_key(item.app, item.id) for item in items]
-        keys += [self._leases_key, self._retry_key]
-        args: list[Any] = [self._req_prefix, *(item.token for item in items)]
-        return [bool(x) for x in await self._run("abandon.lua", keys, args)]
+        members = [member(item.app, item.id) for item in items]
+
+        def build(shard: Shard, idx: list[int]) -> Call:
+            keys = [shard.req_prefix + members[i] for i in idx] + [shard.leases, shard.retry]
+            return keys, [shard.req_prefix, *(items[i].token for i in idx)]
+
+        return [bool(x) for x in await self._grouped("abandon.lua", members, build)]
 
     async def renew(
         self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int
@@ -313,46 +357,75 @@ class RedisStateStore:
         check_renew_args(lease_ms, max_lease_ms)
         if not items:
             return []
-        keys = [self._leases_key] + [self.req_key(item.app, item.id) for item in items]
-        args: list[Any] = [lease_ms, max_lease_ms, self._req_prefix]
-        args += [item.token for item in items]
-        return [bool(x) for x in await self._run("renew.lua", keys, args)]
+        members = [member(item.app, item.id) for item in items]
+
+        def build(shard: Shard, idx: list[int]) -> Call:
+            keys = [shard.leases] + [shard.req_prefix + members[i] for i in idx]
+            args: list[Any] = [lease_ms, max_lease_ms, shard.req_prefix]
+            return keys, args + [items[i].token for i in idx]
+
+        return [bool(x) for x in await self._grouped("renew.lua", members, build)]
 
     async def schedule_retry(self, items: Sequence[RetryLater]) -> list[bool]:
         for item in items:
             check_delay(item.delay_ms)
         if not items:
             return []
-        keys = [self.req_key(item.app, item.id) for item in items]
-        keys += [self._leases_key, self._retry_key]
-        args: list[Any] = [self._req_prefix]
-        for item in items:
-            args += [item.token, item.delay_ms]
-        return [bool(x) for x in await self._run("schedule.lua", keys, args)]
+        members = [member(item.app, item.id) for item in items]
+
+        def build(shard: Shard, idx: list[int]) -> Call:
+            keys = [shard.req_prefix + members[i] for i in idx] + [shard.leases, shard.retry]
+            args: list[Any] = [shard.req_prefix]
+            for i in idx:
+                args += [items[i].token, items[i].delay_ms]
+            return keys, args
+
+        return [bool(x) for x in await self._grouped("schedule.lua", members, build)]
 
     async def reap_expired(
         self, *, lease_ms: int, max_attempts: int, limit: int = 100
     ) -> list[Reclaimed]:
-        return await self._takeover(self._leases_key, lease_ms, max_attempts, limit)
+        return await self._takeover(lambda s: s.leases, lease_ms, max_attempts, limit)
 
     async def due_retries(
         self, *, lease_ms: int, max_attempts: int, limit: int = 100
     ) -> list[Reclaimed]:
-        return await self._takeover(self._retry_key, lease_ms, max_attempts, limit)
+        return await self._takeover(lambda s: s.retry, lease_ms, max_attempts, limit)
 
     async def _takeover(
-        self, zset: str, lease_ms: int, max_attempts: int, limit: int
+        self, source: Callable[[Shard], str], lease_ms: int, max_attempts: int, limit: int
     ) -> list[Reclaimed]:
         check_takeover_args(lease_ms, max_attempts, limit)
-        nonce = new_token()
-        keys = [zset, self._leases_key, self._retry_key, f"{self._prefix}takeover:{nonce}"]
-        args: list[Any] = [self._req_prefix, lease_ms, max_attempts, limit, nonce]
+        shards = self.layout.shards
+        if len(shards) == 1:
+            return await self._take(source, [(shards[0], limit)], {}, lease_ms, max_attempts)
         out: list[Reclaimed] = []
-        rows = await self._run("takeover.lua", keys, args)
-        for raw, token, attempts, exhausted, payload, topic, reply_to, corr in rows:
-            app, id = parse_member(raw)
-            # No topic: journaled by a version before the journal had fields (mixed fleet).
-            topic_text = _text(topic) or ""
-            source = JournalEntry(bytes(payload), topic_text, _text(reply_to), corr)
-            out.append(Reclaimed(app, id, token.decode(), int(attempts), source, bool(exhausted)))
+        for _ in range(sweep.ROUNDS):
+            want = limit - len(out)
+            peeks = await self._run_each("peek.lua", [([source(s)], [want]) for s in shards])
+            todo, scores = sweep.plan(shards, peeks, want)
+            if not todo:
+                break
+            got = await self._take(source, todo, scores, lease_ms, max_attempts)
+            out += got
+            if len(got) == sum(n for _, n in todo):  # no other reaper took any of them
+                break
         return out
+
+    async def _take(
+        self,
+        source: Callable[[Shard], str],
+        todo: sweep.Plan,
+        scores: sweep.Scores,
+        lease_ms: int,
+        max_attempts: int,
+    ) -> list[Reclaimed]:
+        nonce = new_token()
+        calls: list[Call] = []
+        for shard, n in todo:
+            # One shard keeps the plain nonce; several get one each, so tokens stay unique.
+            own = nonce if len(todo) == 1 else f"{nonce}-{shard.index}"
+            keys = [source(shard), shard.leases, shard.retry, shard.receipt(own)]
+            calls.append((keys, [shard.req_prefix, lease_ms, max_attempts, n, own]))
+        answers = await self._run_each("takeover.lua", calls)
+        return sweep.reclaimed([row for answer in answers for row in answer], scores)

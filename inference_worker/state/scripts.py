@@ -13,7 +13,15 @@ import importlib.resources
 __all__ = ["SCRIPTS", "script_source"]
 
 # The bodies the Redis store loads at start (quota.lua is loaded by quota.py on its own).
-SCRIPTS = ("abandon.lua", "claim.lua", "complete.lua", "renew.lua", "schedule.lua", "takeover.lua")
+SCRIPTS = (
+    "abandon.lua",
+    "claim.lua",
+    "complete.lua",
+    "peek.lua",
+    "renew.lua",
+    "schedule.lua",
+    "takeover.lua",
+)
 
 
 def _read(name: str) -> str:

@@ -1,6 +1,7 @@
 """Fixtures and helpers shared by the `StateStore` contract suites (test_state*.py).
 
-Each test runs against the in-process twin and a real redis-server. Time: the memory
+Each test runs against the in-process twin, a real redis-server and a real Redis Cluster
+(3 primaries, 3 replicas; the store shards its keys over it). Time: the memory
 store reads a fake clock that `advance` moves; for Redis `advance` really sleeps, so the
 tests only wait where an expiry must be observed, with short leases, and assert outcomes,
 never timings. Every Redis store gets its own random key prefix. A test module binds the
@@ -24,7 +25,7 @@ from inference_worker.state import (
     RedisStateStore,
     StateStore,
 )
-from tests.servers import Server
+from tests.servers import ClusterServer, Server
 
 Advance = Callable[[float], Awaitable[None]]
 LONG = 60_000  # ms: a lease that never expires within a test
@@ -44,18 +45,20 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-async def redis_store(server: Server) -> RedisStateStore:
+async def redis_store(server: Server | ClusterServer) -> RedisStateStore:
     store = RedisStateStore(server.url, prefix=f"t{uuid.uuid4().hex}:")
     await store.start()
     return store
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[StateStore]:
     s: StateStore
     if request.param == "memory":
         s = MemoryStateStore(clock=clock)
         await s.start()
+    elif request.param == "redis-cluster":
+        s = await redis_store(request.getfixturevalue("redis_cluster"))
     else:
         s = await redis_store(request.getfixturevalue("redis"))
     yield s
@@ -117,4 +120,8 @@ async def zcards(store: StateStore) -> tuple[int, int]:
         return len(store._leases), len(store._retry)
     assert isinstance(store, RedisStateStore)
     c = store.client
-    return await c.zcard(f"{store.prefix}leases"), await c.zcard(f"{store.prefix}retry")
+    leases = retry = 0
+    for shard in store.layout.shards:  # one on a single Redis
+        leases += await c.zcard(shard.leases)
+        retry += await c.zcard(shard.retry)
+    return leases, retry

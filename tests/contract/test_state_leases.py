@@ -47,7 +47,8 @@ async def lease_span(store: StateStore) -> int:
     assert isinstance(store, RedisStateStore)
     fields = await store.client.hmget(store.req_key("app", "1"), "taken_at", "lease_until")
     taken, until = (int(x or 0) for x in fields)
-    score = await store.client.zscore(f"{store.prefix}leases", member("app", "1"))
+    leases = store.layout.shard_of(member("app", "1")).leases
+    score = await store.client.zscore(leases, member("app", "1"))
     assert score == until
     return until - taken
 

@@ -76,7 +76,7 @@ async def test_concurrent_reapers_never_share_a_record(
     await advance(0.1)
     other: StateStore = store
     if isinstance(store, RedisStateStore):  # a second worker on the same keys
-        other = RedisStateStore(request.getfixturevalue("redis").url, prefix=store.prefix)
+        other = RedisStateStore(store.url, prefix=store.prefix)
         await other.start()
     try:
         a, b = await asyncio.gather(reap(store, limit=20), reap(other, limit=20))
