@@ -4,6 +4,7 @@ else) so the connection drops instead of the worker."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -67,7 +68,8 @@ def test_acks_parse() -> None:
     suback = b"\x90\x05\x00\x2a\x00\x01\x87"
     puback = b"\x40\x04\x00\x09\x10\x00"
     got = p.Reader().feed(connack + suback + puback + p.puback_packet(3))
-    assert [a.kind for a in got if isinstance(a, p.Ack)] == [p.CONNACK, p.SUBACK, p.PUBACK, p.PUBACK]
+    kinds = [a.kind for a in got if isinstance(a, p.Ack)]
+    assert kinds == [p.CONNACK, p.SUBACK, p.PUBACK, p.PUBACK]
     ack, sub, pub, short = got
     assert isinstance(ack, p.Ack) and ack.session_present and ack.receive_maximum == 20
     assert isinstance(sub, p.Ack) and sub.packet_id == 42 and sub.reasons == (1, 0x87)
@@ -112,7 +114,5 @@ def test_bytes_that_are_not_a_packet_raise_malformed(raw: bytes) -> None:
 @given(st.binary(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_random_bytes_never_raise_anything_but_malformed(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(p.MalformedPacket):
         p.Reader().feed(raw)
-    except p.MalformedPacket:
-        pass
