@@ -77,7 +77,7 @@ async def test_a_silent_broker_is_noticed_by_keepalive_and_the_transport_comes_b
                     while sub.connected:
                         await asyncio.sleep(0.1)
 
-                # No PINGRESP within the keepalive: loop_misc() drops the connection.
+                # No PINGRESP within the keepalive: the connection task drops the link.
                 await asyncio.wait_for(lost(), WAIT)
             finally:
                 srv.proc.send_signal(signal.SIGCONT)
@@ -111,3 +111,40 @@ async def test_close_while_the_broker_is_down_is_bounded_and_fails_pending_publi
             await asyncio.wait_for(pending, WAIT)
         assert task.done() and not pub.connected
         assert pub.background() == (task,)
+
+
+async def test_a_broker_that_sends_a_malformed_packet_loses_the_link_not_the_worker() -> None:
+    """A stand-in broker on loopback (only this test's bytes are wrong on purpose): the
+    first session gets a PUBLISH with a truncated topic, the second a good one. The
+    transport drops the first link, reconnects, and delivers the good message; its
+    connection task keeps running."""
+    connack = b"\x20\x03\x00\x00\x00"
+    suback = b"\x90\x04\xff\xff\x00\x01"  # the transport subscribes with packet id 65535
+    good = b"\x30\x06\x00\x01t\x00ok"
+    sessions: list[int] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sessions.append(len(sessions) + 1)
+        await reader.read(1024)  # CONNECT
+        writer.write(connack)
+        await writer.drain()
+        await reader.read(1024)  # SUBSCRIBE
+        writer.write(suback + (b"\x30\x02\x00\x09" if len(sessions) == 1 else good))
+        await writer.drain()
+        await reader.read(1024)  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sub = MqttTransport("127.0.0.1", port, _options(subscriptions=("t",), qos=0))
+    try:
+        await sub.start()
+        (task,) = sub.background()
+        deliveries = sub.deliveries()
+        delivery = await asyncio.wait_for(deliveries.__anext__(), WAIT)
+        assert delivery.payload == b"ok" and delivery.topic == "t"
+        assert sessions == [1, 2] and sub.generation == 2 and not task.done()
+    finally:
+        await sub.close()
+        server.close()
+        await server.wait_closed()
