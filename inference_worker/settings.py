@@ -45,6 +45,10 @@ class BrokerSettings:
     request_topic: str = "request_message"
     response_topic: str = "response_message"
     dlq_topic: str = "request_message.dlq"
+    # Retained model metadata (MQTT, memory): one topic per model, `{model}` its name.
+    metadata_topic: str = "models/{model}/metadata"
+    # Kafka: one compacted topic for every model's metadata, keyed by the model name.
+    metadata_kafka_topic: str = "models/metadata"
     group: str = "inference-workers"
     client_id: str = ""
     qos: int = 1
@@ -191,6 +195,14 @@ class QuotaSettings:
 
 
 @dataclass(frozen=True)
+class DlqSettings:
+    # Dead letters kept in the state store's capped stream (Redis: XADD MAXLEN ~ N).
+    max_entries: int = 10_000
+    # How often a worker reads the stream's length for its metrics.
+    length_poll_s: float = 15.0
+
+
+@dataclass(frozen=True)
 class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     state: StateSettings = field(default_factory=StateSettings)
@@ -201,6 +213,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     quota: QuotaSettings = field(default_factory=QuotaSettings)
+    dlq: DlqSettings = field(default_factory=DlqSettings)
 
 
 ENV_PREFIX = "IW_"
@@ -319,5 +332,9 @@ def load_settings(
         raise SettingsError(
             f"state.max_lease_ms ({state.max_lease_ms}) must be at least state.lease_ms "
             f"({state.lease_ms})"
+        )
+    if sections["dlq"].max_entries < 1:
+        raise SettingsError(
+            f"dlq.max_entries must be at least 1, got {sections['dlq'].max_entries}"
         )
     return Settings(**sections)
