@@ -11,7 +11,7 @@ are estimated from that:
   CPUs and on GPUs past their first few rows; ``a`` is the per-call overhead, ``b`` the
   per-row cost. While the batches seen all had about the same size the slope cannot be
   told from the intercept, and the line goes through the origin (cost per row), which
-  over- rather than under-estimates larger batches.
+  over- rather than under-estimates larger batches; `resolved` says which of the two.
 - the **tail** factor: the 99th percentile of observed / predicted over the last
   ``window`` batches, at least 1, so ``high(rows)`` (mean times tail) is what p99 of the
   batches of that size costs — the figure a latency target has to be checked against.
@@ -28,6 +28,7 @@ from collections import deque
 
 _TAIL_QUANTILE = 0.99
 _TAIL_EVERY = 8  # recompute the tail factor every this many batches
+_MIN_SPREAD = 0.1  # rows²: the (decayed) variance of batch sizes below which no slope is fitted
 
 
 class BatchCost:
@@ -42,6 +43,7 @@ class BatchCost:
         self._since_tail = 0
         self.batches = 0  # batches observed
         self.max_rows = 0  # the largest batch observed (how far the line is trusted)
+        self.resolved = False  # sizes varied enough to tell overhead from per-row cost
 
     def observe(self, rows: int, seconds: float) -> None:
         """One batch of `rows` rows took `seconds`."""
@@ -67,7 +69,8 @@ class BatchCost:
         w, sx, sxx, sy, sxy = self._w, self._sx, self._sxx, self._sy, self._sxy
         mx, my = sx / w, sy / w
         var = sxx / w - mx * mx
-        if var > 0.25:  # the sizes differ by about a row or more: slope and intercept
+        self.resolved = var > _MIN_SPREAD
+        if self.resolved:  # the sizes differ enough to tell slope from intercept
             b = (sxy / w - mx * my) / var
             a = my - b * mx
             if b < 0.0:  # more rows never cost less: a flat line at the mean

@@ -17,7 +17,8 @@ and the next batch is as large as the row limit allows.
   after that batch's p99 cost. When the oldest request has already missed the budget
   (the model cannot keep up at that size), batches grow to the size that gives 95% of the
   throughput of a full one, which drains a backlog fastest; a model whose cost is all
-  per-row (no gain from batching) stays at the target's size. Until the cost of larger
+  per-row (no gain from batching) stays at the target's size (a model seen at one batch
+  size only is tried larger, to find out). Until the cost of larger
   batches has been seen, the row limit grows by doubling (at most twice the largest
   batch observed), so a cold start never runs a batch the target cannot afford.
 """
@@ -82,6 +83,8 @@ class LatencyTarget:
     def throughput_rows(self) -> int:
         """The fewest rows that give THROUGHPUT_SHARE of a full batch's rows per second."""
         a, b, m = self._cost.fixed_s, self._cost.per_row_s, self._max
+        if not self._cost.resolved:
+            return m  # one size seen so far: whether batching pays is found out by trying
         if a <= 0.0:
             return 1  # all per-row: a larger batch is no faster per row
         q = THROUGHPUT_SHARE * m / (a + b * m)
