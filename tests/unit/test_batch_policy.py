@@ -12,7 +12,7 @@ import pytest
 from inference_worker.batchcost import BatchCost
 from inference_worker.batching import DynamicBatcher
 from inference_worker.batchpolicy import FixedDelay, LatencyTarget, policy_for
-from tests.unit.test_batching import FakeClock, settle
+from tests.unit.test_batching import FakeClock
 
 
 def learned(a: float, b: float, sizes: Sequence[int], noise: float = 0.0) -> BatchCost:
