@@ -46,6 +46,7 @@ from inference_worker.pipeline.statecalls import StateCalls
 from inference_worker.protocol import WireCodec
 from inference_worker.routing import ReplyPolicy
 from inference_worker.state.base import StateStore
+from inference_worker.state.deadletters import dead_letters_for
 from inference_worker.transports.base import Delivery
 
 log = logging.getLogger("inference_worker.pipeline")
@@ -90,6 +91,7 @@ class Worker:
             worker=parts.name,
             wall_ms=parts.wall_ms,
             clock=parts.clock,
+            letters=dead_letters_for(parts.state, s.state.prefix, max_entries=s.dlq.max_entries),
         )
         limits = s.limits.to_limits()
         self.batches = Batches(
