@@ -55,6 +55,7 @@ def worker_transport(
         client_id=broker.client_id or name,
         subscriptions=subscriptions,
         topics=(broker.response_topic, broker.dlq_topic, broker.metadata_kafka_topic),
+        compacted=(broker.metadata_kafka_topic,),
         shared_group=broker.group,
         qos=broker.qos,
         receive_maximum=broker.receive_maximum,

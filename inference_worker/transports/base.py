@@ -75,6 +75,9 @@ class TransportOptions:
     # Topics the configuration names for publishing (default response topic, dead-letter
     # topic): created at start where the transport creates topics (Kafka), nothing else.
     topics: tuple[str, ...] = ()
+    # Those of `topics` that keep the last message per key (Kafka: created with
+    # cleanup.policy=compact; the retained model metadata). Others ignore it.
+    compacted: tuple[str, ...] = ()
     shared_group: str | None = None
     qos: int = 1
     # Upper bound on unacked messages the broker may push to us (MQTT 5 Receive Maximum).

@@ -17,8 +17,8 @@ the task (the worker watches them); a `KafkaError` while fetching is retried. Be
 `options.receive_maximum` unacked records, `options.buffer` waiting ones, or while
 `pause()` holds, all assigned partitions are paused while the consumer keeps polling.
 The producer uses `acks="all"` (idempotent when the broker grants it), keyed by the
-`correlation` bytes when given. `options.security` gives the same SASL/TLS keyword
-arguments (`security_kwargs`) to the admin client, the producer and the consumer.
+`correlation` bytes when given (retained messages: see `kafka_publish`). `options.security`
+gives the same SASL/TLS keyword arguments (`security_kwargs`) to admin, producer, consumer.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class KafkaTransport:
         wanted = [*ensure_topics, *options.topics]
         self._ensure = [*dict.fromkeys([*(kafka_topic(t) for t in wanted), *plain])]
         self._topics = TopicDirectory(
-            bootstrap, partitions=partitions, lookup_timeout_s=lookup_timeout_s
+            bootstrap, partitions=partitions, lookup_timeout_s=lookup_timeout_s, options=options
         )
         self._admin: AIOKafkaAdminClient | None = None
         self._producer: AIOKafkaProducer | None = None

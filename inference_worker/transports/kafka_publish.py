@@ -10,6 +10,12 @@ the broker to auto-create the topic (Tansu does; Kafka does with
 `auto.create.topics.enable`), and where the broker refuses it waits `request_timeout_ms`.
 Topics found to exist are remembered for the transport's lifetime.
 
+Retained messages (`Outgoing.retain`), Kafka's nearest equivalent: the topics named in
+`TransportOptions.compacted` are created with `cleanup.policy=compact` (the broker keeps
+the last record per key; the sender keys by `correlation`), and a retained message with an
+empty payload is sent as a tombstone (null value), which drops the key as an empty
+retained publish clears an MQTT topic. A topic that already existed is left as it is.
+
 `send_all` gives the producer every record first (no waiting in between) and then waits
 for all of their acknowledgements at once; each message's failure is its own result.
 """
@@ -31,21 +37,31 @@ from aiokafka.errors import (
     for_code,
 )
 
-from inference_worker.transports.base import Outgoing
+from inference_worker.transports.base import Outgoing, TransportOptions
 from inference_worker.transports.kafka_headers import write_headers
 from inference_worker.transports.kafka_topics import kafka_topic
 
 log = logging.getLogger("inference_worker.transports.kafka")
 
 TOPIC_RECHECK_S = 1.0
+COMPACT = {"cleanup.policy": "compact"}  # the last record per key is kept (retained metadata)
 _TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 
 
 class TopicDirectory:
     """The topics known to exist; creates the configured ones, looks the others up."""
 
-    def __init__(self, where: str, *, partitions: int, lookup_timeout_s: float) -> None:
+    def __init__(
+        self,
+        where: str,
+        *,
+        partitions: int,
+        lookup_timeout_s: float,
+        options: TransportOptions | None = None,
+    ) -> None:
         self._where, self._partitions, self._timeout_s = where, partitions, lookup_timeout_s
+        # The Kafka names of the topics created compacted.
+        self._compacted = frozenset(kafka_topic(t) for t in (options.compacted if options else ()))
         self._existing: set[str] = set()
         self._looked_up_at = -TOPIC_RECHECK_S
         self._lock = asyncio.Lock()
@@ -57,7 +73,8 @@ class TopicDirectory:
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            new = [NewTopic(n, self._partitions, 1) for n in missing]
+            configs = {n: COMPACT for n in self._compacted}
+            new = [NewTopic(n, self._partitions, 1, topic_configs=configs.get(n)) for n in missing]
             try:
                 response = await admin.create_topics(new)
             except TopicAlreadyExistsError:
@@ -122,7 +139,9 @@ async def send_all(
         message = messages[i]
         key = None if message.correlation is None else bytes(message.correlation)
         try:
-            future = await producer.send(name, bytes(message.payload), key=key, headers=headers)
+            # retain + empty payload: a tombstone (null value), as MQTT clears a retained one.
+            value = None if message.retain and not message.payload else bytes(message.payload)
+            future = await producer.send(name, value, key=key, headers=headers)
         except Exception as exc:  # too large, buffer full: this message only
             results[i] = exc
         else:

@@ -21,7 +21,7 @@ from inference_worker.transports import connect
 from inference_worker.transports.base import Delivery, TransportOptions
 from tests.integration.harness import MODELS, isolated_settings
 from tests.poison_models import write_config, write_version
-from tests.servers import Server
+from tests.servers import Server, require_module
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +115,95 @@ async def test_late_subscriber_gets_retained_metadata_and_removal_clears_it(
         after = await _retained(settings, base)
         assert set(after) == {digits_topic}, "the removed model's metadata is gone"
         assert after[digits_topic] == first[digits_topic], "the other one is unchanged"
+    finally:
+        stop.set()
+        await task
+
+
+async def _compacted_view(bootstrap: str, topic: str) -> dict[bytes, bytes | None]:
+    """Read a Kafka topic from the beginning to its end; the last value per key."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        assert topic in await consumer.topics(), "created by the worker at start"
+        parts = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        view: dict[bytes, bytes | None] = {}
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in parts])
+
+        while await behind():
+            batch = await consumer.getmany(*parts, timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    assert record.key is not None
+                    view[record.key] = record.value
+        return view
+    finally:
+        await consumer.stop()
+
+
+async def _topic_configs(bootstrap: str, topic: str) -> dict[str, str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)]
+        )
+        (resource,) = response.resources
+        return {entry[0]: entry[1] for entry in resource[4]}
+    finally:
+        await admin.close()
+
+
+async def test_kafka_metadata_is_a_compacted_topic_keyed_by_model_with_tombstones(
+    kafka: Server, tmp_path: Path
+) -> None:
+    require_module("aiokafka", "pip install -e '.[kafka]'")
+    root = tmp_path / "models"
+    shutil.copytree(MODELS / "digits", root / "digits", ignore=shutil.ignore_patterns("*.npz"))
+    probe = write_config(root, "probe")
+    write_version(probe, 1, fixed=True)
+    tag = uuid.uuid4().hex[:8]
+    settings = isolated_settings(
+        kafka.url_with("partitions=2"),
+        "memory://",
+        broker={"metadata_kafka_topic": f"meta-{tag}/metadata"},
+        models={"root": str(root), "device": "cpu", "poll_interval_s": 0},
+    )
+    topic = f"meta-{tag}.metadata"
+    bootstrap = kafka.url.removeprefix("kafka://").partition("?")[0]
+    stop, reload = asyncio.Event(), asyncio.Event()
+    ready: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_worker(settings, stop, reload=reload, on_ready=ready.set_result))
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    worker = ready.result()
+    try:
+        assert await _topic_configs(bootstrap, topic) == {"cleanup.policy": "compact"}
+        view = await _compacted_view(bootstrap, topic)
+        assert set(view) == {b"digits", b"probe"}
+        assert json.loads(view[b"digits"] or b"") == from_repository(root)["digits"]
+        shutil.rmtree(probe)
+        reload.set()
+        await _until(lambda: "probe" not in worker.served_versions, "probe retired")
+        async with asyncio.timeout(60):
+            while b"probe" in {
+                k for k, v in (await _compacted_view(bootstrap, topic)).items() if v
+            }:
+                await asyncio.sleep(0.1)
+        final = await _compacted_view(bootstrap, topic)
+        assert final[b"probe"] is None, "a tombstone (null value), not an empty record"
+        assert json.loads(final[b"digits"] or b"") == from_repository(root)["digits"]
     finally:
         stop.set()
         await task
