@@ -133,7 +133,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     url = settings.state.url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    if not url.startswith(schemes):
         print(
             f"status reads the fleet from Redis; state is {url!r}: pass --state redis://host:6379/0",
             file=sys.stderr,
@@ -141,14 +142,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
 
     async def read() -> list[dict[str, Any]]:
-        import redis.asyncio as aioredis
+        from inference_worker.security import state_security
+        from inference_worker.state.connect import open_client
 
-        from inference_worker.security import redis_kwargs, state_security
-
-        security = redis_kwargs(url, **state_security(settings.state))
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=5.0, socket_timeout=10.0, **security
-        )
+        client = open_client(url, **state_security(settings.state))  # one Redis or a cluster
         try:
             return await read_fleet(client, settings.state.prefix)
         finally:

@@ -6,7 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import Server, kafka_server, mosquitto_server, redis_server
+from tests.servers import (
+    ClusterServer,
+    Server,
+    kafka_server,
+    mosquitto_server,
+    redis_cluster_server,
+    redis_server,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,3 +40,11 @@ def redis() -> Iterator[Server]:
 def kafka() -> Iterator[Server]:
     with kafka_server() as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterServer]:
+    """A Redis Cluster (3 primaries, 3 replicas) for the suites that run on one; a test
+    that kills a node starts its own (`redis_cluster_server`)."""
+    with redis_cluster_server() as cluster:
+        yield cluster
