@@ -202,8 +202,9 @@ class DynamicBatcher(Generic[T, R]):
                 # Accumulate: the next batch will be bigger. Wake for what expires meanwhile.
                 if hopeless is None or hopeless <= now:
                     await self._wakeup.wait()
-                else:
-                    await self._wait_any(self._sleep(hopeless - now), self._wakeup.wait())
+                elif await self._wait_any(self._sleep(hopeless - now), self._wakeup.wait()):
+                    # Woken by the timer: the moment it cannot finish alone any more.
+                    self._expire(self._clock(), inclusive=True)
                 continue
             limit = self.policy.row_limit(now - head.enqueued_at)
             due = head.enqueued_at + self.policy.wait_s()
@@ -217,9 +218,9 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             await self._wait_any(self._sleep(due - now), self._wakeup.wait())
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, *, inclusive: bool = False) -> None:
         """Items that cannot finish by their deadline even alone: answered, not computed."""
-        hopeless = self._queue.pop_deadlines(now + self.cost.mean(1))
+        hopeless = self._queue.pop_deadlines(now + self.cost.mean(1), inclusive=inclusive)
         if hopeless:
             self._expired(hopeless)
 

@@ -104,10 +104,13 @@ class FairQueue(Generic[T, R]):
             heapq.heapify(self._deadlines)
         return self._deadlines[0][0] if self._deadlines else None
 
-    def pop_deadlines(self, before: float) -> list[Entry[T, R]]:
-        """Remove and return the live entries whose deadline is earlier than `before`."""
+    def pop_deadlines(self, before: float, *, inclusive: bool = False) -> list[Entry[T, R]]:
+        """Remove and return the live entries whose deadline is earlier than `before`
+        (or equal to it, `inclusive`)."""
         out: list[Entry[T, R]] = []
-        while (d := self.earliest_deadline()) is not None and d < before:
+        while (d := self.earliest_deadline()) is not None and (
+            d < before or (inclusive and d == before)
+        ):
             entry = heapq.heappop(self._deadlines)[2]
             self._discard(entry)
             out.append(entry)
