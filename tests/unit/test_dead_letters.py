@@ -242,3 +242,10 @@ async def test_worker_keeps_and_publishes_every_dead_letter() -> None:
     assert sorted(m["id"] for m in on_topic) == ["no-model", "wrong-dtype"]
     assert worker.stats.dead_letters == 2
     assert "iw_dead_letter_entries 2.0" in worker.metrics.exposition().decode()
+
+
+def test_dlq_command_needs_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    from inference_worker.cli import main
+
+    assert main(["dlq", "list", "--state", "memory://"]) == 2
+    assert "kept in Redis" in capsys.readouterr().err

@@ -205,3 +205,17 @@ async def test_worker_publishes_on_start_and_reload_and_clears_a_removed_model(
         await task
     assert gone.response.error is not None and gone.response.error.code.value == "unknown_model"
     assert still.response.status == "ok"
+
+
+def test_models_command_prints_what_workers_publish(capsys: pytest.CaptureFixture[str]) -> None:
+    from inference_worker.cli import main
+    from inference_worker.metadata import encode
+
+    assert main(["models", "--models", str(MODELS), "--json", "digits"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.encode() == encode(from_repository(MODELS, ["digits"])["digits"])
+    assert main(["models", "--models", str(MODELS), "digits"]) == 0
+    table = capsys.readouterr().out
+    assert "pixels" in table and "0..16" in table and "float32" in table
+    assert main(["models", "--models", str(MODELS), "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
