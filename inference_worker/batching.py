@@ -81,6 +81,7 @@ class DynamicBatcher(Generic[T, R]):
         weight_of: Callable[[str], int] = lambda _key: 1,
         size_of: Callable[[T], int] = lambda _item: 1,
         priority_of: Callable[[T], int] = lambda _item: 0,
+        arrived_of: Callable[[T], float] | None = None,
         cost: BatchCost | None = None,
         policy: BatchPolicy | None = None,
     ) -> None:
@@ -104,6 +105,7 @@ class DynamicBatcher(Generic[T, R]):
         # was declared for.
         self._size_of = size_of
         self._priority_of = priority_of
+        self._arrived_of = arrived_of  # when an item's latency started (default: submit)
         # What a batch costs (learned here, from every batch run), and what to do with it.
         self.cost = cost if cost is not None else BatchCost()
         self.policy: BatchPolicy = (
@@ -151,8 +153,10 @@ class DynamicBatcher(Generic[T, R]):
         key = self._key_of(item) if self._key_of is not None else ""
         deadline = self._deadline_of(item) if self._deadline_of is not None else None
         size, priority = self._size_of(item), self._priority_of(item)
+        now = self._clock()
+        arrived = self._arrived_of(item) if self._arrived_of is not None else now
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(Entry(item, future, self._clock(), key, size, deadline, priority))
+        self._queue.append(Entry(item, future, now, key, size, deadline, priority, arrived))
         self._update_not_full()
         self._wakeup.set()
         return future
@@ -206,8 +210,9 @@ class DynamicBatcher(Generic[T, R]):
                     # Woken by the timer: the moment it cannot finish alone any more.
                     self._expire(self._clock(), inclusive=True)
                 continue
-            limit = self.policy.row_limit(now - head.enqueued_at)
-            due = head.enqueued_at + self.policy.wait_s()
+            origin = self.policy.origin(head.enqueued_at, head.arrived_at)
+            limit = self.policy.row_limit(now - origin)
+            due = origin + self.policy.wait_s()
             earliest = self._queue.earliest_deadline()
             if earliest is not None:  # leave in time for the tightest deadline
                 due = min(due, earliest - self.cost.high(limit))

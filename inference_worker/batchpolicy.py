@@ -3,8 +3,11 @@
 A policy answers two questions for the batcher whenever a concurrency slot is free:
 ``wait_s()`` — how long the oldest queued item may wait for more to arrive — and
 ``row_limit(head_age_s)`` — how many rows the next batch takes (at most
-``max_batch_size``). While every slot is busy the batcher does not ask: items accumulate
-and the next batch is as large as the row limit allows.
+``max_batch_size``). Both count from ``origin(enqueued_at, arrived_at)``: the fixed delay
+from when the item reached the batcher, a latency target from when the request was
+received (what a target covers includes the decode and claim before the batcher). While
+every slot is busy the batcher does not ask: items accumulate and the next batch is as
+large as the row limit allows.
 
 - :class:`FixedDelay` is the model's ``max_delay_ms``: the same wait and
   ``max_batch_size`` rows, always.
@@ -43,6 +46,10 @@ class BatchPolicy(Protocol):
         """Rows the next batch may take; `head_age_s`: how long the oldest has waited."""
         ...
 
+    def origin(self, enqueued_at: float, arrived_at: float) -> float:
+        """Where an item's wait starts: batcher entry or receipt."""
+        ...
+
 
 class FixedDelay:
     def __init__(self, max_delay_s: float, max_rows: int) -> None:
@@ -54,6 +61,9 @@ class FixedDelay:
 
     def row_limit(self, head_age_s: float) -> int:
         return self._rows
+
+    def origin(self, enqueued_at: float, arrived_at: float) -> float:
+        return enqueued_at
 
 
 class LatencyTarget:
@@ -92,6 +102,9 @@ class LatencyTarget:
 
     def wait_s(self) -> float:
         return max(0.0, self._budget - self._cost.high(self.target_rows()))
+
+    def origin(self, enqueued_at: float, arrived_at: float) -> float:
+        return min(enqueued_at, arrived_at)
 
     def row_limit(self, head_age_s: float) -> int:
         n = self.target_rows()

@@ -40,6 +40,7 @@ class Entry(Generic[T, R]):
     size: int = 1  # rows
     deadline: float | None = None
     priority: int = 0
+    arrived_at: float = 0.0  # when the item's latency started (receipt; else enqueued_at)
     seq: int = 0
     gone: bool = field(default=False, repr=False)
 

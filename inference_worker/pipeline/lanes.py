@@ -73,6 +73,7 @@ class Lane:
             weight_of=weight_of,
             size_of=lambda job: job.rows,
             priority_of=_priority,  # orders a request within its app
+            arrived_of=lambda job: job.received_at,  # a latency target counts from receipt
             cost=cost,
             policy=policy_for(cfg.max_delay_ms / 1000.0, target_s, cfg.max_batch_size, cost),
         )
