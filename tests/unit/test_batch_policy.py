@@ -164,32 +164,34 @@ async def test_open_loop_near_capacity_keeps_up() -> None:
     assert max(latency[-200:]) <= 2 * max(latency[200:400]) + 0.01
 
 
-async def test_a_target_counts_from_receipt_a_fixed_delay_from_the_batcher() -> None:
+@pytest.mark.parametrize(("target", "expect"), [(1.0, 0.5), (None, 0.8)])
+async def test_a_target_counts_from_receipt_a_fixed_delay_from_the_batcher(
+    target: float | None, expect: float
+) -> None:
     """An item received 0.3 s before it reached the batcher: with a 1 s target (budget
     0.9 s, learned cost 0.1 s) it leaves 0.5 s after it was queued; with a fixed 0.8 s
     delay, 0.8 s after."""
-    for target, expect in ((1.0, 0.5), (None, 0.8)):
-        clock = FakeClock()
-        clock.now = 10.0
-        started: list[float] = []
+    clock = FakeClock()
+    clock.now = 10.0
+    started: list[float] = []
 
-        async def handler(items: list[int]) -> list[int]:
-            started.append(clock.now)
-            return items
+    async def handler(items: list[int]) -> list[int]:
+        started.append(clock.now)
+        return items
 
-        cost = learned(0.1, 0.0, [1, 2, 4, 8, 16, 32, 64])
-        batcher: DynamicBatcher[int, int] = DynamicBatcher(
-            handler,
-            max_batch_size=64,
-            max_delay_s=0.8,
-            max_queue=10,
-            clock=clock,
-            sleep=clock.sleep,
-            arrived_of=lambda _item: 9.7,
-            cost=cost,
-            policy=policy_for(0.8, target, 64, cost),
-        )
-        batcher.try_submit(1)
-        await clock.advance(2.0)
-        assert started == [pytest.approx(10.0 + expect)], target
-        await batcher.drain()
+    cost = learned(0.1, 0.0, [1, 2, 4, 8, 16, 32, 64])
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        handler,
+        max_batch_size=64,
+        max_delay_s=0.8,
+        max_queue=10,
+        clock=clock,
+        sleep=clock.sleep,
+        arrived_of=lambda _item: 9.7,
+        cost=cost,
+        policy=policy_for(0.8, target, 64, cost),
+    )
+    batcher.try_submit(1)
+    await clock.advance(2.0)
+    assert started == [pytest.approx(10.0 + expect)], target
+    await batcher.drain()
