@@ -19,10 +19,10 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import IO, NoReturn
+from typing import IO, Any, NoReturn
 
 import pytest
 
@@ -282,14 +282,32 @@ def _cluster_ports(n: int) -> list[int]:
     return ports
 
 
-def _node_lines(port: int) -> list[list[str]]:
-    """`CLUSTER NODES` of the node on `port`, one split line per node."""
-    import redis
+@dataclass(frozen=True)
+class ClusterAccess:
+    """How the tests' own checks reach the nodes: TLS CA (`rediss`) and an admin user."""
 
-    with redis.Redis(port=port, socket_timeout=5) as r:
-        text = r.execute_command("CLUSTER", "NODES")  # raw text, not the parsed map
-    raw = text.decode() if isinstance(text, bytes) else str(text)
-    return [line.split() for line in raw.splitlines() if line.strip()]
+    ca_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    def client(self, port: int) -> Any:
+        import redis
+
+        return redis.Redis(
+            port=port,
+            socket_timeout=5,
+            ssl=self.ca_file is not None,
+            ssl_ca_certs=self.ca_file,
+            username=self.user,
+            password=self.password,
+        )
+
+    def cli_args(self) -> list[str]:
+        """The same for `redis-cli`."""
+        out = ["--tls", "--cacert", self.ca_file] if self.ca_file else []
+        if self.user:
+            out += ["--user", self.user, "--pass", self.password or ""]
+        return out
 
 
 @dataclass
@@ -298,25 +316,34 @@ class ClusterServer:
 
     nodes: list[Server]
     workdir: Path
+    access: ClusterAccess = field(default_factory=ClusterAccess)
 
     @property
     def url(self) -> str:
         return self.url_with("")
 
-    def url_with(self, query: str) -> str:
-        """`redis+cluster://` naming every node (the client needs one that answers)."""
+    def url_with(self, query: str, userinfo: str = "") -> str:
+        """`redis+cluster://` (`rediss+cluster://` with TLS) naming every node (the
+        client needs one that answers); `userinfo` is `user:password@`."""
+        scheme = "rediss+cluster" if self.access.ca_file else "redis+cluster"
         hosts = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
-        return f"redis+cluster://{hosts}/" + (f"?{query}" if query else "")
+        return f"{scheme}://{userinfo}{hosts}/" + (f"?{query}" if query else "")
 
     def alive(self) -> list[Server]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
+    def _node_lines(self, port: int) -> list[list[str]]:
+        """`CLUSTER NODES` of the node on `port`, one split line per node."""
+        with self.access.client(port) as r:
+            text = r.execute_command("CLUSTER", "NODES")  # raw text, not the parsed map
+        raw = text.decode() if isinstance(text, bytes) else str(text)
+        return [line.split() for line in raw.splitlines() if line.strip()]
+
     def primaries(self) -> list[Server]:
         """The live nodes that are primaries with slots now."""
         by_port = {n.port: n for n in self.alive()}
-        seen = self.alive()[0].port
         out = []
-        for fields in _node_lines(seen):
+        for fields in self._node_lines(self.alive()[0].port):
             port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
             serving = "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8
             if serving and port in by_port:
@@ -330,7 +357,7 @@ class ClusterServer:
         import redis
 
         def node_ok(port: int) -> bool:
-            with redis.Redis(port=port, socket_timeout=5) as r:
+            with self.access.client(port) as r:
                 state = r.execute_command("CLUSTER", "INFO")
                 link = r.info("replication").get("master_link_status", "up")
             return b"cluster_state:ok" in state and link == "up"
@@ -359,32 +386,65 @@ class ClusterServer:
 
 
 @contextmanager
-def redis_cluster_server(*, node_timeout_ms: int = 1000) -> Iterator[ClusterServer]:
+def redis_cluster_server(
+    *,
+    node_timeout_ms: int = 1000,
+    tls: tuple[str, str, str] | None = None,
+    aclfile: str | None = None,
+    admin: tuple[str, str] | None = None,
+) -> Iterator[ClusterServer]:
     """Six `redis-server --cluster-enabled yes` on free ports (AOF on, each in its own
     directory), joined by `redis-cli --cluster create … --cluster-replicas 1`.
 
     `node_timeout_ms` is how long a silent primary takes to be declared failed (its
     replica is promoted right after): short, so a failover happens within a test.
+    `tls=(cert, key, ca)`: TLS only, clients, the cluster bus and replication alike.
+    `aclfile` with `admin=(user, password)`: ACL users; replicas and the tests' own checks
+    log in as the admin.
     """
     binary = require_binary("redis-server")
     cli = require_binary("redis-cli")
+    access = ClusterAccess(
+        ca_file=tls[2] if tls else None,
+        user=admin[0] if admin else None,
+        password=admin[1] if admin else None,
+    )
     with tempfile.TemporaryDirectory(prefix="iw-rcluster-") as tmp:
         nodes = []
         for port in _cluster_ports(6):
             workdir = Path(tmp) / str(port)
             workdir.mkdir()
-            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+            argv = [binary, "--bind", "127.0.0.1", "--dir", str(workdir)]
+            if tls is None:
+                argv += ["--port", str(port)]
+            else:
+                cert, key, ca = tls
+                argv += ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes"]
+                argv += ["--tls-replication", "yes", "--tls-cert-file", cert]
+                argv += ["--tls-key-file", key, "--tls-ca-cert-file", ca]
+                argv += ["--tls-auth-clients", "optional"]
+                # The bus and replication links show a clientAuth certificate when one
+                # lies beside the server's (scripts/gen_dev_certs.sh makes both).
+                client = Path(cert).with_name("client.crt")
+                if client.exists():
+                    argv += ["--tls-client-cert-file", str(client)]
+                    argv += ["--tls-client-key-file", str(client.with_suffix(".key"))]
+            if aclfile is not None and admin is not None:
+                argv += ["--aclfile", aclfile, "--masteruser", admin[0], "--masterauth", admin[1]]
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             argv += ["--cluster-node-timeout", str(node_timeout_ms)]
             # Any replica may be promoted, however long ago it last heard its primary.
             argv += ["--cluster-replica-validity-factor", "0"]
+            # A replica's first sync starts at once (Redis waits 5 s for more replicas).
+            argv += ["--repl-diskless-sync-delay", "0"]
             argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
             nodes.append(Server("redis", port, argv, workdir))
-        cluster = ClusterServer(nodes, Path(tmp))
+        cluster = ClusterServer(nodes, Path(tmp), access)
         try:
             for node in nodes:
                 node.start()
-            create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes)]
+            create = [cli, *access.cli_args(), "--cluster", "create"]
+            create += [f"127.0.0.1:{n.port}" for n in nodes]
             create += ["--cluster-replicas", "1", "--cluster-yes"]
             done = subprocess.run(create, capture_output=True, timeout=60, check=False)
             if done.returncode != 0:

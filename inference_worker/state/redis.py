@@ -118,6 +118,18 @@ def _optional(value: str | bytes | None) -> bytes:
     return b"=" + (value.encode() if isinstance(value, str) else value)
 
 
+def _wrapped(exc: BaseException) -> BaseException | None:
+    """The first credential or permission error in `exc`'s cause/context chain."""
+    seen = exc.__cause__ or exc.__context__
+    for _ in range(5):
+        if seen is None or isinstance(seen, AuthenticationError | AuthorizationError):
+            return seen
+        if isinstance(seen, NoPermissionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class RedisStateStore:
     """`StateStore` over one pooled `redis.asyncio` client (bytes responses): a `Redis`,
     or a `RedisCluster` for `redis+cluster://` / `rediss+cluster://` URLs."""
@@ -200,9 +212,13 @@ class RedisStateStore:
             raise StateAccessDenied(self._denied(exc)) from None
         except OUTAGE as exc:
             await client.aclose()
-            # The cluster client wraps what its startup nodes answered.
-            if isinstance(exc.__cause__, AuthenticationError | AuthorizationError):
-                raise StateAccessDenied(self._refused(exc.__cause__)) from None
+            # The cluster client wraps what its startup nodes answered (a refused CLUSTER
+            # SLOTS reads "Cluster mode is not enabled"): look inside.
+            inner = _wrapped(exc)
+            if isinstance(inner, AuthenticationError | AuthorizationError):
+                raise StateAccessDenied(self._refused(inner)) from None
+            if isinstance(inner, NoPermissionError):
+                raise StateAccessDenied(self._denied(inner)) from None
             raise StateUnavailable(
                 f"Redis state store unreachable at {redact_url(self._url)}: {exc}"
             ) from exc

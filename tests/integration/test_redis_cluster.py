@@ -9,19 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
+from redis.crc import key_slot
 
+from inference_worker.auth import RedisKeyStore
+from inference_worker.fleet import Heartbeat, read_fleet
+from inference_worker.journal import JournalEntry
+from inference_worker.metrics import Metrics
 from inference_worker.protocol import Request
 from inference_worker.quota import MemoryQuota, RedisQuota
 from inference_worker.security import TlsOptions, redact_url
 from inference_worker.settings import Settings
-from inference_worker.state import open_state
+from inference_worker.state import (
+    ClaimRequest,
+    Completion,
+    StateAccessDenied,
+    StateUnavailable,
+    member,
+    open_state,
+)
 from inference_worker.state.connect import by_slot, parse_cluster_url
+from inference_worker.state.deadletters import NewDeadLetter, RedisDeadLetters
 from inference_worker.state.layout import SLOTS, KeyLayout, spread_tags
 from inference_worker.state.redis import RedisStateStore
 from tests.chaos.harness import expected_labels
@@ -33,7 +50,7 @@ from tests.integration.harness import (
     settings_env,
     worker_in_loop,
 )
-from tests.servers import ClusterServer, Server
+from tests.servers import ClusterServer, Server, redis_cluster_server, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +81,10 @@ def test_cluster_urls_parse_and_fail_without_showing_the_password() -> None:
 def test_shard_tags_cover_equal_slot_ranges() -> None:
     for n in (1, 3, 16, 1024):
         tags = spread_tags(n)
-        slots = [KeyLayout.sharded("iw:", n).shards[i].base for i in range(n)]
-        assert len(set(tags)) == n and all(
-            f"{{{t}}}" in b for t, b in zip(tags, slots, strict=True)
-        )
+        ranges = [key_slot(tag.encode()) * n // SLOTS for tag in tags]
+        assert ranges == list(range(n)), n  # tag i hashes into the i-th n-th of the slots
+        bases = [shard.base for shard in KeyLayout.sharded("iw:", n).shards]
+        assert bases == [f"iw:{{{tag}}}:" for tag in tags]
     layout = KeyLayout.sharded("iw:", 16)
     counts = np.bincount([layout.shard_of(f"3:app:{i}").index for i in range(16_000)], minlength=16)
     assert counts.min() > 800 and counts.max() < 1200  # members spread over the shards
@@ -173,3 +190,90 @@ async def test_a_worker_on_the_cluster_keys_heartbeats_and_dead_letters(
         ("invalid_input", f"c{n}"),
         ("unauthorized", "nokey"),
     ], kept
+
+
+# ---------------------------------------------------------------------------- TLS + ACL
+
+CLUSTER_PASSWORD = "iwc-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def secure_cluster() -> Iterator[tuple[ClusterServer, str]]:
+    """A TLS-only cluster whose users are the shipped brokers/redis/users.acl.example
+    (password filled in) plus an admin for replication and the fixture's own checks."""
+    require_binary("openssl")
+    with tempfile.TemporaryDirectory(prefix="iw-ccerts-") as tmp:
+        out = Path(tmp)
+        subprocess.run(
+            [str(REPO / "scripts" / "gen_dev_certs.sh"), str(out), "localhost,127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
+        shipped = (REPO / "brokers" / "redis" / "users.acl.example").read_text()
+        lines = [line for line in shipped.splitlines() if line and not line.startswith("#")]
+        acl = out / "users.acl"
+        users = [line.replace(">CHANGE_ME ", f">{CLUSTER_PASSWORD} ") for line in lines]
+        acl.write_text("\n".join([*users, "user admin on >admin ~* &* +@all", ""]))
+        tls = (str(out / "server.crt"), str(out / "server.key"), str(out / "ca.crt"))
+        with redis_cluster_server(tls=tls, aclfile=str(acl), admin=("admin", "admin")) as c:
+            yield c, tls[2]
+
+
+async def test_shipped_acl_user_over_tls_runs_the_ledger_and_the_rest(
+    secure_cluster: tuple[ClusterServer, str],
+) -> None:
+    cluster, ca = secure_cluster
+    url = cluster.url_with("", f"iw:{CLUSTER_PASSWORD}@")
+    store = RedisStateStore(url, prefix="iw:", tls=TlsOptions(ca))
+    await store.start()
+    try:
+        reqs = [
+            ClaimRequest("tls", str(i), "fp", JournalEntry(b"p", "t", None, None))
+            for i in range(40)
+        ]
+        claimed = await store.claim(reqs, nonce="n", lease_ms=60_000, max_attempts=3)
+        assert len(store.layout.group([member("tls", r.id) for r in reqs])) > 1
+        done = [
+            Completion("tls", r.id, c.token or "", r.id.encode())
+            for r, c in zip(reqs, claimed, strict=True)
+        ]
+        assert all(await store.complete(done, result_ttl_s=60))
+        again = await store.claim(reqs, nonce="m", lease_ms=60_000, max_attempts=3)
+        assert [a.response for a in again] == [r.id.encode() for r in reqs]
+        assert await store.reap_expired(lease_ms=1000, max_attempts=3) == []
+        # Everything else a worker keeps in Redis, as the shipped user.
+        quota = RedisQuota(store.client, "iw:", rate=1.0, burst=5)
+        assert await quota.take(["a", "b", "c"]) == [0, 0, 0]
+        keys = RedisKeyStore(store.client, "iw:")
+        key = await keys.create("tls-app")
+        assert [k.app for k in (await keys.lookup([key.split("_")[1]])).values()] == ["tls-app"]
+        beat = Heartbeat(
+            store.client, prefix="iw:", name="w-tls", interval_s=5.0, metrics=Metrics(),
+            info={}, queue_depth=lambda: 0, draining=lambda: False,
+        )  # fmt: skip
+        await beat.beat()
+        assert [w["id"] for w in await read_fleet(store.client, "iw:")] == ["w-tls"]
+        letters = RedisDeadLetters(lambda: store.client, "iw:", max_entries=100)
+        letter = NewDeadLetter(
+            JournalEntry(b"x", "t", None, None),
+            "bad_request",
+            "m",
+            "a",
+            "1",
+            "digits",
+            None,
+            "w",
+            1,
+        )
+        assert await letters.add([letter, letter]) == 2
+    finally:
+        await store.close()
+    one = f"rediss+cluster://iw:{{}}@127.0.0.1:{cluster.nodes[0].port}/"  # one node to try
+    wrong = RedisStateStore(one.format("nope"), tls=TlsOptions(ca))
+    with pytest.raises(StateAccessDenied) as err:
+        await wrong.start()
+    assert "nope" not in str(err.value)
+    unverified = RedisStateStore(one.format(CLUSTER_PASSWORD))  # system CAs: dev CA unknown
+    with pytest.raises(StateUnavailable) as err2:
+        await unverified.start()
+    assert CLUSTER_PASSWORD not in str(err2.value)
