@@ -125,6 +125,15 @@ async def test_one_poison_row_in_64_fails_alone_and_63_are_answered_at_once(
         retries = await _counter(w.port, "iw_retries_total")
         extra = await _counter(w.port, "iw_isolation_calls_total")
         isolated = await _counter(w.port, "iw_isolated_total")
+        _, body = await http_get(w.port, "/metrics")
+        curve = {
+            (s.labels["rows"], s.labels["estimate"]): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if s.name == "iw_batch_cost_seconds" and s.labels["model"] == "digits"
+        }
+        rows_limit = await _counter(w.port, "iw_batch_rows_limit")
+        wait_s = await _counter(w.port, "iw_batch_wait_seconds")
 
     assert ledger.lost == [] and ledger.wrong() == [], ledger.summary()
     first_call = model.calls[0][0]
@@ -145,5 +154,10 @@ async def test_one_poison_row_in_64_fails_alone_and_63_are_answered_at_once(
     assert len(dead) == 1 and len(letters) == 1, dead
     assert letters[0]["error"]["code"] == "exhausted"
     assert letters[0]["attempts"] == MAX_ATTEMPTS
+    # The batching gauges: the fixed policy's choice, and the cost curve it learned from
+    # the batches that ran (rows 1, 2, 4, ..., 64; mean and p99).
+    assert (rows_limit, wait_s) == (BATCH, 30.0)
+    assert sorted({int(r) for r, _ in curve}) == [1, 2, 4, 8, 16, 32, 64]
+    assert curve[("32", "mean")] > 0 and curve[("32", "p99")] >= curve[("32", "mean")]
     reply = ledger.replies["poison"].response
     assert reply.error is not None and "poison row" in reply.error.message
