@@ -87,7 +87,8 @@ async def busy(b: DynamicBatcher[Item, str], model: Model) -> None:
 
 async def test_earliest_deadline_first_within_an_app() -> None:
     clock = FakeClock()
-    model, expired = Model(clock), []
+    model = Model(clock)
+    expired: list[str] = []
     b = batcher(model, expired, max_batch_size=2, max_delay_s=100.0)
     await busy(b, model)
     now = clock.now
@@ -103,7 +104,8 @@ async def test_earliest_deadline_first_within_an_app() -> None:
 
 async def test_priority_orders_before_deadline_within_an_app() -> None:
     clock = FakeClock()
-    model, expired = Model(clock), []
+    model = Model(clock)
+    expired: list[str] = []
     b = batcher(model, expired, max_batch_size=1, max_delay_s=100.0)
     await busy(b, model)
     now = clock.now
@@ -122,7 +124,8 @@ async def test_fairness_between_apps_stays_with_deadlines() -> None:
     """An app whose requests all carry tight deadlines does not push another app's
     requests (no deadline) out of the next batch: round-robin still shares it."""
     clock = FakeClock()
-    model, expired = Model(clock), []
+    model = Model(clock)
+    expired: list[str] = []
     b = batcher(model, expired, max_batch_size=4, max_delay_s=100.0)
     await busy(b, model)
     for i in range(8):
@@ -140,7 +143,8 @@ async def test_cannot_finish_in_time_given_the_learned_cost_is_answered_without_
     """The model takes 2 s for a row (learned); a request due in 1.5 s is answered at once
     (deadline_exceeded), never computed; one due in 3 s is computed."""
     clock = FakeClock()
-    model, expired = Model(clock, seconds=2.0), []
+    model = Model(clock, seconds=2.0)
+    expired: list[str] = []
     b = batcher(model, expired, cost=taught([(1, 2.0)] * 3), max_delay_s=0.0)
     clock.now = 10.0
     f_short = b.try_submit(Item("short", deadline=11.5))
@@ -155,7 +159,8 @@ async def test_cannot_finish_in_time_given_the_learned_cost_is_answered_without_
 
 async def test_a_request_that_becomes_hopeless_while_the_slot_is_busy_is_answered_then() -> None:
     clock = FakeClock()
-    model, expired = Model(clock, seconds=1.0), []
+    model = Model(clock, seconds=1.0)
+    expired: list[str] = []
     b = batcher(model, expired, cost=taught([(1, 1.0)] * 3), max_delay_s=0.0)
     await busy(b, model)  # the slot is held until the test opens the gate
     now = clock.now
@@ -175,7 +180,8 @@ async def test_batch_leaves_early_enough_for_its_tightest_deadline() -> None:
     """max_delay 10 s, but a request due at 5 s with a 1 s cost: the batch leaves by 4 s
     and the request finishes by its deadline."""
     clock = FakeClock()
-    model, expired = Model(clock, seconds=1.0), []
+    model = Model(clock, seconds=1.0)
+    expired: list[str] = []
     b = batcher(model, expired, cost=taught([(1, 1.0), (2, 1.0)] * 3), max_delay_s=10.0)
     done_at: list[float] = []
     fut = b.try_submit(Item("due", deadline=5.0))
@@ -191,7 +197,8 @@ async def test_a_batch_drops_what_would_finish_late_inside_it() -> None:
     """Cost 1 s + 1 s per row: four rows take 5 s. Of four queued requests the one due
     before that is answered without compute; the other three run."""
     clock = FakeClock()
-    model, expired = Model(clock), []
+    model = Model(clock)
+    expired: list[str] = []
     cost = taught([(n, 1.0 + n) for n in (1, 2, 3, 4)] * 3)
     b = batcher(model, expired, cost=cost, max_delay_s=100.0)
     await busy(b, model)
