@@ -60,13 +60,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import (
-    AuthenticationError,
-    AuthorizationError,
-    NoPermissionError,
-    RedisError,
-    ResponseError,
-)
+from redis.exceptions import RedisError
 
 from inference_worker.security import TlsOptions, redact_url, redis_kwargs
 from inference_worker.state import sweep
@@ -79,8 +73,6 @@ from inference_worker.state.base import (
     Reclaimed,
     Renewal,
     RetryLater,
-    StateAccessDenied,
-    StateFailed,
     StateUnavailable,
 )
 from inference_worker.state.connect import (
@@ -88,8 +80,8 @@ from inference_worker.state.connect import (
     check_cluster,
     is_cluster_url,
     open_client,
-    transient_reply,
 )
+from inference_worker.state.errors import ErrorText
 from inference_worker.state.keys import (
     check_claim_args,
     check_delay,
@@ -116,18 +108,6 @@ def _optional(value: str | bytes | None) -> bytes:
     if value is None:
         return b""
     return b"=" + (value.encode() if isinstance(value, str) else value)
-
-
-def _wrapped(exc: BaseException) -> BaseException | None:
-    """The first credential or permission error in `exc`'s cause/context chain."""
-    seen = exc.__cause__ or exc.__context__
-    for _ in range(5):
-        if seen is None or isinstance(seen, AuthenticationError | AuthorizationError):
-            return seen
-        if isinstance(seen, NoPermissionError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 class RedisStateStore:
@@ -158,6 +138,7 @@ class RedisStateStore:
         # Who we log in as, for error messages ("default" is Redis's user without a name).
         self.user = username or url_user or "default"
         self._prefix = prefix
+        self._errors = ErrorText(url, self.user, prefix)
         self._client: aioredis.Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
 
@@ -204,40 +185,13 @@ class RedisStateStore:
             await self._scripts["claim.lua"](
                 keys=[first.leases, first.retry], args=[1, 1, "start", first.req_prefix]
             )
-        except (AuthenticationError, AuthorizationError) as exc:
+        except Exception as exc:
+            error = self._errors.at_start(exc)
             await client.aclose()
-            raise StateAccessDenied(self._refused(exc)) from None
-        except NoPermissionError as exc:
-            await client.aclose()
-            raise StateAccessDenied(self._denied(exc)) from None
-        except OUTAGE as exc:
-            await client.aclose()
-            # The cluster client wraps what its startup nodes answered (a refused CLUSTER
-            # SLOTS reads "Cluster mode is not enabled"): look inside.
-            inner = _wrapped(exc)
-            if isinstance(inner, AuthenticationError | AuthorizationError):
-                raise StateAccessDenied(self._refused(inner)) from None
-            if isinstance(inner, NoPermissionError):
-                raise StateAccessDenied(self._denied(inner)) from None
-            raise StateUnavailable(
-                f"Redis state store unreachable at {redact_url(self._url)}: {exc}"
-            ) from exc
-        except ResponseError as exc:
-            await client.aclose()
-            raise self._failed(exc) from None
+            if error is None:
+                raise
+            raise error from exc if type(error) is StateUnavailable else None
         self._client = client
-
-    def _refused(self, exc: BaseException) -> str:
-        return (
-            f"Redis at {redact_url(self._url)} refused the credentials of user {self.user!r}: {exc}"
-        )
-
-    def _denied(self, exc: Exception) -> str:
-        return (
-            f"Redis user {self.user!r} at {redact_url(self._url)} lacks permission for "
-            f"PING, CLIENT SETNAME, SCRIPT LOAD, EVALSHA (and the commands the scripts run) "
-            f"or keys ~{self._prefix}* ({exc}); see brokers/redis/users.acl.example"
-        )
 
     async def close(self) -> None:
         if self._client is not None:
@@ -256,14 +210,11 @@ class RedisStateStore:
             raise RuntimeError("RedisStateStore used before start()")
         try:
             result = await self._scripts[name](keys=keys, args=args)
-        except NoPermissionError as exc:
-            # Retried like an outage (the worker backs off): fixing the ACL recovers.
-            raise StateAccessDenied(self._denied(exc)) from None
-        except OUTAGE as exc:
-            # The worker retries on StateUnavailable without knowing this is Redis.
-            raise StateUnavailable(f"Redis at {redact_url(self._url)}: {exc}") from exc
-        except ResponseError as exc:
-            raise self._failed(exc) from None
+        except Exception as exc:
+            error = self._errors.in_call(exc)
+            if error is None:
+                raise
+            raise error from exc if type(error) is StateUnavailable else None
         return list(result)
 
     async def _run_each(self, name: str, calls: Sequence[Call]) -> list[list[Any]]:
@@ -279,17 +230,6 @@ class RedisStateStore:
                 raise result
             out.append(result)
         return out
-
-    def _failed(self, exc: ResponseError) -> StateUnavailable | StateFailed:
-        """The error reply as the contract's error: transient ones are an outage."""
-        # redis-py strips the error code it maps to a class (OOM, READONLY, NOSCRIPT...)
-        # from the text: put it back so the message is the server's.
-        code = getattr(exc, "status_code", None)
-        text = f"{code} {exc}" if code else str(exc)
-        message = f"Redis at {redact_url(self._url)}: {text}"
-        if transient_reply(exc, text):
-            return StateUnavailable(message)
-        return StateFailed(message)
 
     async def _grouped(
         self,
