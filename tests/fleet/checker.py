@@ -22,7 +22,7 @@ against what came out (every response seen on the reply topics) and what the wor
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from inference_worker.protocol import Limits, ProtocolError, WireCodec
@@ -84,6 +84,7 @@ class Report:
     dup_inferences: int
     dup_unexplained: int
     unexplained_ids: tuple[str, ...] = ()
+    differing_ids: tuple[str, ...] = ()
 
     def cells(self) -> list[str]:
         return [str(getattr(self, c)) for c in COLUMNS]
@@ -155,6 +156,7 @@ def check(
         dup_inferences=sum(len(v) - 1 for v in runs.values()),
         dup_unexplained=len(unexplained),
         unexplained_ids=tuple(sorted(unexplained)[:20]),
+        differing_ids=tuple(sorted(k[1] for k, v in seen.items() if len(set(v)) > 1)[:20]),
     )
 
 
@@ -169,3 +171,6 @@ def table(rows: Sequence[tuple[str, Report]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join([name, *r.cells()]) + " |" for name, r in rows]
     return "\n".join(lines) + "\n"
+
+
+Record = Callable[[str, "Report"], None]  # the `record` fixture: a named row for the table

@@ -32,6 +32,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ROWS] = []
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A soak run longer than the CI form gets a pytest timeout that fits it."""
+    minutes = config.getoption("--soak-minutes")
+    if not minutes:
+        return
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(int(float(minutes) * 60) + 300))
+
+
 @pytest.fixture(scope="session")
 def hosts_possible() -> None:
     reason = unavailable()

@@ -44,7 +44,7 @@ def main() -> int:
             os.write(fd, "".join(lines).encode())
         return out
 
-    BatchComputer.__call__ = compute  # type: ignore[method-assign]
+    BatchComputer.__call__ = compute  # type: ignore[method-assign, assignment]
     return cli.main(["run", *sys.argv[1:]])
 
 

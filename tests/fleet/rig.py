@@ -27,7 +27,15 @@ from typing import Any
 import yaml
 
 from inference_worker.settings import Settings
-from tests.chaos.harness import CHAOS_BROKER, CHAOS_STATE, KAFKA_QUERY, MODEL, TIMING, Timing
+from tests.chaos.harness import (
+    CHAOS_BROKER,
+    CHAOS_STATE,
+    KAFKA_DURABLE_QUERY,
+    KAFKA_QUERY,
+    MODEL,
+    TIMING,
+    Timing,
+)
 from tests.fleet.checker import Computation
 from tests.fleet.netns import Host, Network
 from tests.fleet.services import METRICS_PORT, HostServer, broker_in, redis_in
@@ -47,9 +55,13 @@ class Incarnation:
     out: Path  # stdout and stderr: the worker's JSON log lines
     planned_stop: bool = False
     paused: bool = False
+    killed: bool = False  # by the test (kill -9), not by a fault of its own
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def ready(self) -> bool:
+        return b'"worker ready"' in self.out.read_bytes()
 
 
 def _plain(value: Any) -> Any:
@@ -116,7 +128,7 @@ class Fleet:
         deadline = time.monotonic() + within_s
         for name in names or tuple(self.current):
             inc = self.current[name]
-            while b'"worker ready"' not in inc.out.read_bytes():
+            while not inc.ready():
                 if not inc.alive():
                     raise RuntimeError(f"{name} exited early: {tail(inc.out)}")
                 if time.monotonic() > deadline:
@@ -126,9 +138,10 @@ class Fleet:
     # -- faults on the processes ------------------------------------------------------
 
     def kill(self, name: str) -> Incarnation:
-        """kill -9; `restart_dead` (or the test) starts the next incarnation."""
+        """kill -9 (the test starts the next incarnation with `start`)."""
         inc = self.current[name]
         if inc.alive():
+            inc.killed = True
             inc.proc.send_signal(signal.SIGKILL)
             inc.proc.wait(10)
         return inc
@@ -145,17 +158,31 @@ class Fleet:
             inc.proc.send_signal(signal.SIGCONT)
         inc.paused = False
 
-    def restart_dead(self) -> list[str]:
-        """Start a new incarnation of every worker whose process died unplanned."""
+    def deaths(self) -> list[tuple[str, int]]:
+        """Workers that exited on their own: neither killed nor stopped by the test."""
+        return [
+            (i.name, i.proc.returncode)
+            for i in self.incarnations
+            if not i.alive() and not i.killed and not i.planned_stop
+        ]
+
+    def crashes(self) -> list[tuple[str, int]]:
+        """Deaths of workers that had been ready: a worker that refused to start (Redis
+        unreachable at start-up, say) is restarted like any supervisor would; one that
+        served and then exited on its own is a failure."""
+        return [(i.name, i.proc.returncode) for i in self.incarnations if self._crashed(i)]
+
+    def _crashed(self, inc: Incarnation) -> bool:
+        return not inc.alive() and not inc.killed and not inc.planned_stop and inc.ready()
+
+    def restart_exited(self) -> list[str]:
+        """A supervisor's pass: start again every current worker that exited on its own."""
         restarted = []
         for name, inc in list(self.current.items()):
-            if not inc.alive() and not inc.planned_stop:
+            if not inc.alive() and not inc.killed and not inc.planned_stop:
                 self.start(name)
                 restarted.append(name)
         return restarted
-
-    def deaths(self) -> list[tuple[str, int]]:
-        return [(i.name, i.proc.returncode) for i in self.incarnations if not i.alive()]
 
     def terminate_all(self, within_s: float = 20.0) -> None:
         """SIGCONT what is paused, SIGTERM everything (workers drain), kill what stays."""
@@ -240,7 +267,11 @@ class Rig:
 
 
 def fleet_settings(
-    broker: HostServer, redis: HostServer, transport: str, **sections: Mapping[str, Any]
+    broker: HostServer,
+    redis: HostServer,
+    transport: str,
+    durable: bool,
+    **sections: Mapping[str, Any],
 ) -> Settings:
     merged: dict[str, dict[str, Any]] = {
         "state": dict(CHAOS_STATE),
@@ -251,7 +282,9 @@ def fleet_settings(
     }
     for name, values in sections.items():
         merged.setdefault(name, {}).update(values)
-    url = broker.url_with(KAFKA_QUERY if transport == "kafka" else "")
+    # An S3-backed Tansu is kept busy by consumers polling every 20 ms: 250 ms there.
+    query = (KAFKA_DURABLE_QUERY if durable else KAFKA_QUERY) if transport == "kafka" else ""
+    url = broker.url_with(query)
     return isolated_settings(url, redis.url, **merged)
 
 
@@ -274,7 +307,7 @@ def rig(
             broker_in(transport, hosts[BROKER], workdir, durable=durable) as broker,
             redis_in(hosts[REDIS], workdir) as redis,
         ):
-            settings = fleet_settings(broker, redis, transport, **sections)
+            settings = fleet_settings(broker, redis, transport, durable, **sections)
             fleet = Fleet(net, settings, workdir)
             try:
                 for name, slow in workers.items():

@@ -95,6 +95,24 @@ class Session:
             window_s=2 * lease_s + self.rig.settings.state.reap_interval_s + 1.0,
         )
 
+    def history(self, id_: str) -> str:
+        """Everything seen of one id, for a failure message: runs, responses, faults."""
+        from inference_worker.protocol import Limits, WireCodec
+
+        codec = WireCodec(Limits())
+        t0 = self.faults[0].start if self.faults else 0.0
+        lines = [f"history of {id_}:"]
+        for c in self.computations():
+            if c.id == id_:
+                lines.append(f"  ran {c.t - t0:8.3f}s {c.worker}.{c.incarnation} batch {c.batch}")
+        for d in self.responses.messages:
+            r = codec.decode_response(d.payload)
+            if r.id == id_:
+                lines.append(f"  answer by {r.worker} timing {r.timing} ({len(d.payload)} B)")
+        for f in self.faults:
+            lines.append(f"  fault {f.start - t0:8.3f}s .. {f.end - t0:8.3f}s {f.kind}")
+        return "\n".join(lines)
+
     def workers_of(self, app: str, id_: str) -> list[str | None]:
         """The `worker` of every response seen for `(app, id_)`."""
         from inference_worker.protocol import Limits, WireCodec

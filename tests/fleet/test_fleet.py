@@ -15,11 +15,11 @@ computes slowly (600 ms a batch), so that a cut can land in the middle of a batc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from tests.fleet.checker import BROKER_TARGET, Report
+from tests.fleet.checker import BROKER_TARGET, Record, Report
 from tests.fleet.rig import BROKER, REDIS, Rig, rig
 from tests.fleet.session import Session, run_on_client, wait_for
 
@@ -27,7 +27,6 @@ pytestmark = [pytest.mark.fleet, pytest.mark.timeout(240)]
 
 RATE = 30.0  # requests per second, steady
 SLOW_MS = 600  # w1's model calls: wide enough for the cut to land inside one
-Record = Callable[[str, Report], None]
 
 
 @pytest.fixture(scope="module", params=["mqtt", "kafka"])
