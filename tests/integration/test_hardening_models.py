@@ -246,7 +246,9 @@ async def test_due_retry_past_its_deadline_is_answered_deadline_exceeded(
     then is answered `deadline_exceeded` without a second model call; one without a
     deadline is retried and answered `ok` (so the retry path itself works)."""
     control = RunnerControl(monkeypatch)
-    root = model_repo(tmp_path / "models", {"digits": {}})
+    # One request per batch: a failed batch of two would be split and each re-run within
+    # the same attempt (poison isolation), healing a failure that happens once.
+    root = model_repo(tmp_path / "models", {"digits": {"max_batch_size": 1}})
     settings = worker_settings(
         mosquitto.url,
         redis.url,
