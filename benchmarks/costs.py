@@ -9,8 +9,8 @@ and divides by the requests answered:
 
 - Redis: commands (`INFO commandstats`: EVALSHA round trips, and every command the scripts
   run inside them), bytes in and out (`INFO stats` total_net_input/output_bytes), AOF
-  bytes (`INFO persistence` aof_current_size), CPU (`INFO cpu`, main thread and
-  children);
+  bytes (`INFO persistence` aof_current_size), memory kept (`INFO memory` used_memory:
+  the done records and cached responses, until `result_ttl_s`), CPU (`INFO cpu`);
 - Mosquitto: PUBLISH packets in and out (`$SYS/broker/publish/messages/*`), every packet
   in and out (`$SYS/broker/messages/*`: PUBACKs included), bytes in and out
   (`$SYS/broker/bytes/*`), CPU (/proc);
@@ -158,6 +158,7 @@ def redis_counters(clients: list[redis.Redis]) -> dict[str, float]:
 
     for r in clients:
         stats, persist, cpu_info = r.info("stats"), r.info("persistence"), r.info("cpu")
+        add("memory", r.info("memory")["used_memory"])
         add("net_in", stats["total_net_input_bytes"])
         add("net_out", stats["total_net_output_bytes"])
         add("aof", persist["aof_current_size"])
@@ -188,6 +189,9 @@ def summarize(
         "redis_bytes_in_per_req": per(red.get("net_in", 0), answered, 0),
         "redis_bytes_out_per_req": per(red.get("net_out", 0), answered, 0),
         "aof_bytes_per_req": per(red.get("aof", 0), answered, 0),
+        # What an answered request keeps in memory until result_ttl_s (done record +
+        # cached response), replicas not counted.
+        "redis_memory_bytes_per_req": per(red.get("memory", 0), answered, 0),
         "redis_cpu_ms_per_req": per(red.get("cpu_s", 0) * 1000, answered),
         "mqtt_publish_in_per_req": per(mq.get("publish/messages/received", 0), answered, 2),
         "mqtt_publish_out_per_req": per(mq.get("publish/messages/sent", 0), answered, 2),
