@@ -20,7 +20,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,6 @@ class Rig:
     fleet: Fleet
     timing: Timing
     workdir: Path
-    notes: list[str] = field(default_factory=list)
 
     @property
     def client(self) -> Host:

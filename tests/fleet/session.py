@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from inference_worker.protocol import Limits, WireCodec
 from tests.chaos.harness import Ledger, LoadClient, Sent, Tap, expected_labels
 from tests.fleet.checker import Computation, Fault, Report, check
 from tests.fleet.rig import Rig
@@ -97,8 +98,6 @@ class Session:
 
     def history(self, id_: str) -> str:
         """Everything seen of one id, for a failure message: runs, responses, faults."""
-        from inference_worker.protocol import Limits, WireCodec
-
         codec = WireCodec(Limits())
         t0 = self.faults[0].start if self.faults else 0.0
         lines = [f"history of {id_}:"]
@@ -115,8 +114,6 @@ class Session:
 
     def workers_of(self, app: str, id_: str) -> list[str | None]:
         """The `worker` of every response seen for `(app, id_)`."""
-        from inference_worker.protocol import Limits, WireCodec
-
         codec = WireCodec(Limits())
         out = []
         for d in self.responses.messages:
