@@ -31,12 +31,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inference_worker.journal import JournalEntry
 from inference_worker.state.base import StateFailed, StateUnavailable
+from inference_worker.state.connect import OUTAGE
 
 log = logging.getLogger("inference_worker.state")
 _PAGE = 200  # entries per XRANGE call while scanning
@@ -177,8 +176,9 @@ def _parse(entry_id: bytes | str, raw: dict[bytes, bytes]) -> StoredDeadLetter:
 
 
 def _translate(exc: RedisError) -> StateUnavailable | StateFailed:
-    """Redis errors as the state contract's, so the pipeline's retry policy applies."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+    """Redis errors as the state contract's, so the pipeline's retry policy applies (a
+    cluster failover in progress is an outage, as for the ledger)."""
+    if isinstance(exc, OUTAGE):
         return StateUnavailable(f"dead-letter store: {exc}")
     return StateFailed(f"dead-letter store: {exc}")
 
