@@ -184,7 +184,7 @@ class Fleet:
                 restarted.append(name)
         return restarted
 
-    def terminate_all(self, within_s: float = 20.0) -> None:
+    def terminate_all(self, within_s: float = 12.0) -> None:
         """SIGCONT what is paused, SIGTERM everything (workers drain), kill what stays."""
         for inc in self.incarnations:
             inc.planned_stop = True
