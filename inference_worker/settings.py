@@ -154,6 +154,11 @@ class WorkerSettings:
     # a pool thread running Python (decode, encode). CPython's default is 5 ms; 0.5 halved
     # the open-loop p50 here (benchmarks/RESULTS.md).
     switch_interval_ms: float = 0.5
+    # Decode a claim group, and encode a batch's responses, on the event loop when it
+    # holds at most this many bytes (declared decoded content / model output); larger
+    # ones in threads. A thread hand-off costs more than small work (pipeline/admission.py,
+    # pipeline/batches.py). 0: always in threads.
+    loop_codec_max_bytes: int = 256 * 1024
     intake_buffer: int = 512
     # Byte budget for requests between receipt and their answer (wire bytes while
     # waiting for decode, decoded tensor bytes once admitted). Over it, intake waits and

@@ -1,9 +1,18 @@
 """Admission: from deliveries to admitted jobs and refusals. Sends nothing itself.
 
-Per group: the transport's own defects first; decode the whole group in one call in the
-decode thread (never on the event loop: a 60 MiB zstd bomb takes ~90 ms to expand); then
+Per group: the transport's own defects first; decode the whole group in one call; then
 route, validate, authenticate (one key lookup for the group, retried through outages
 like claims) and apply the reply-topic policy for the final app.
+
+Where a group is decoded. A group whose payloads declare at most
+`worker.loop_codec_max_bytes` of decoded content in all (a zstd frame's declared content
+size, which libzstd holds it to; a plain payload's own length) is decoded on the event
+loop: for small requests the hand-off to a thread and back costs more than the decode
+(~0.1 ms of CPU and ~1 ms of latency per group, and the thread's Python competes with the
+loop for the GIL; measured in benchmarks/RESULTS.md). Any other group — large content, or
+a zstd frame that does not declare its size, such as a decompression bomb (a 60 MiB one
+takes ~90 ms to expand) — is decoded in the decode thread, one group at a time, where
+zstd releases the GIL and the loop keeps serving.
 
 Who may be answered where. The app a reply topic is checked against is the *established*
 one: the topic's `<app>` segment (bound to the publisher by the broker ACL) or the app of
@@ -22,6 +31,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+import zstandard
+
 from inference_worker.auth import Authenticator, AuthMode, Verdict
 from inference_worker.journal import JournalEntry
 from inference_worker.models import validate_inputs
@@ -29,7 +40,7 @@ from inference_worker.pipeline.intake import ByteBudget
 from inference_worker.pipeline.jobs import Address, Job, Refusal
 from inference_worker.pipeline.lanes import LaneSet
 from inference_worker.pipeline.statecalls import StateCalls
-from inference_worker.protocol import Codec, ErrorCode, ProtocolError, Request
+from inference_worker.protocol import Codec, ErrorCode, Limits, ProtocolError, Request, WireCodec
 from inference_worker.routing import ReplyPolicy, parse_request_topic
 from inference_worker.settings import BrokerSettings
 from inference_worker.transports.base import Delivery
@@ -62,9 +73,10 @@ class Admission:
         calls: StateCalls,
         budget: ByteBudget,
         *,
-        decode: Callable[[Sequence[bytes]], list[Request | ProtocolError]],
+        limits: Limits,
         decoder: Executor,
         wall_ms: Callable[[], int],
+        loop_max_bytes: int,
     ) -> None:
         self._broker = broker
         self._lanes = lanes
@@ -72,15 +84,17 @@ class Admission:
         self._auth = auth if auth is not None and auth.mode is not AuthMode.OFF else None
         self._calls = calls
         self._budget = budget
-        self._decode = decode
+        # One codec per thread that decodes: the loop's, and the decode thread's (one thread).
+        self._loop_codec = WireCodec(limits)
+        self._thread_codec = WireCodec(limits)
         self._decoder = decoder
         self._wall_ms = wall_ms
+        self._loop_max = loop_max_bytes
 
     async def admit(self, group: Sequence[Delivery]) -> Admitted:
         refused: list[Refusal] = []
-        loop = asyncio.get_running_loop()
         payloads = [d.payload for d in group]
-        decoded = await loop.run_in_executor(self._decoder, self._decode, payloads)
+        decoded = await self._decoded(payloads)
         drafts: list[_Draft] = []
         for d, result in zip(group, decoded, strict=True):
             if d.defect is not None:
@@ -108,8 +122,7 @@ class Admission:
         """A journaled request for another attempt. The ledger's app is final (an API key
         may have named it at claim time), so no key is looked up again."""
         await self._budget.acquire(len(d.payload))
-        loop = asyncio.get_running_loop()
-        [result] = await loop.run_in_executor(self._decoder, self._decode, [d.payload])
+        [result] = await self._decoded([d.payload])
         if isinstance(result, ProtocolError):
             return self._decode_refusal(d, result)
         try:
@@ -120,6 +133,17 @@ class Admission:
         return self._finish(draft, None)
 
     # ---- steps ------------------------------------------------------------------------
+
+    async def _decoded(self, payloads: list[bytes]) -> list[Request | ProtocolError]:
+        """The group decoded on the loop when it is small, else in the decode thread."""
+        left = self._loop_max
+        for raw in payloads:
+            left -= _declared_size(raw)
+            if left < 0:
+                loop = asyncio.get_running_loop()
+                decode = self._thread_codec.decode_requests
+                return await loop.run_in_executor(self._decoder, decode, payloads)
+        return self._loop_codec.decode_requests(payloads)
 
     def _route(self, d: Delivery, req: Request) -> _Draft:
         route = parse_request_topic(self._broker.request_topic, d.topic)
@@ -259,3 +283,21 @@ class Admission:
 def _decoded_size(req: Request) -> int:
     """Bytes a request holds once decoded: its tensors (the journal keeps the wire bytes)."""
     return sum(int(getattr(a, "nbytes", 0)) for a in req.inputs.values()) + 256
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_UNKNOWN = 1 << 62  # larger than any loop limit
+
+
+def _declared_size(raw: bytes) -> int:
+    """The decoded bytes a payload declares: a zstd frame's content size (libzstd fails a
+    frame whose content differs from it), a plain payload's own length; `_UNKNOWN` for a
+    zstd frame without a declared size. A malformed header counts its own length: it
+    fails at once."""
+    if raw[:4] != _ZSTD_MAGIC:
+        return len(raw)
+    try:
+        size = zstandard.frame_content_size(raw)
+    except zstandard.ZstdError:
+        return len(raw)
+    return _UNKNOWN if size < 0 else size

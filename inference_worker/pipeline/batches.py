@@ -1,5 +1,8 @@
 """Running a batch: the model call in the lane's pool, bounded in time, then the outbox.
 
+The responses are encoded on the loop when the outputs are small, in the pool when they
+are large (`worker.loop_codec_max_bytes`, see pipeline/compute.py).
+
 A model call that raises does not fail its batch: the batch is split and re-run within
 the same attempt until the requests that fail alone are found (`pipeline.poison`);
 everything else is answered at once, and only those take the retry path. The extra
@@ -46,6 +49,7 @@ class Batches:
         metrics: Metrics,
         *,
         compute_timeout_s: float,
+        loop_codec_max_bytes: int,
         clock: Callable[[], float],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         max_completing: int = 64,
@@ -55,6 +59,7 @@ class Batches:
         self._stats = stats
         self._metrics = metrics
         self._timeout = compute_timeout_s
+        self._loop_max = loop_codec_max_bytes
         self._clock = clock
         self._spawn = spawn
         self._completing = asyncio.Semaphore(max_completing)
@@ -126,11 +131,8 @@ class Batches:
     async def _call(self, lane: Lane, jobs: list[Job]) -> Computed | Failed:
         """The model call in the lane's pool; a failure is returned, not handled."""
         dispatched = self._clock()
-        served = lane.served
-        loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(lane.executor, self.computer, served, jobs, dispatched)
         try:
-            computed = await asyncio.wait_for(call, self._timeout)
+            computed = await asyncio.wait_for(self._compute(lane, jobs, dispatched), self._timeout)
         except TimeoutError:
             self._metrics.compute_timeouts.labels(lane.name).inc()
             log.error(
@@ -155,6 +157,16 @@ class Batches:
         for job in jobs:
             observe.queue_seconds.observe(dispatched - job.received_at)
         return computed
+
+    async def _compute(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
+        loop = asyncio.get_running_loop()
+        computer, served = self.computer, lane.served
+        inferred = await loop.run_in_executor(lane.executor, computer.infer, served, jobs)
+        if inferred.nbytes <= self._loop_max:
+            return computer.encode(served, jobs, inferred, dispatched)
+        return await loop.run_in_executor(
+            lane.executor, computer.encode, served, jobs, inferred, dispatched
+        )
 
     async def _complete_then_release(self, jobs: list[Job], computed: Computed) -> None:
         try:

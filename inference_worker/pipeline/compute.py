@@ -1,8 +1,11 @@
-"""Compute: one batch in the model's pool — stack, infer, split, encode.
+"""Compute: one batch — stack and infer in the model's pool, then split and encode.
 
-Runs in the model's bounded thread pool, never on the event loop; the whole batch is one
-hand-off there and one back. Responses are encoded here, per batch, with a codec owned
-by the pool thread.
+`infer` runs in the model's bounded thread pool, never on the event loop: one hand-off
+there and one back per batch, and the model call itself releases the GIL. `encode` turns
+the outputs into one response per job; the batch stage runs it on the loop when the
+outputs are small (`worker.loop_codec_max_bytes`: a second hand-off would cost more than
+the encoding, and Python in a pool thread competes with the loop for the GIL) and in the
+pool otherwise (zstd releases the GIL there). One WireCodec per thread that encodes.
 """
 
 from __future__ import annotations
@@ -20,13 +23,20 @@ from inference_worker.serving import ServedModel
 
 
 @dataclass(frozen=True)
+class Inferred:
+    outputs: dict[str, np.ndarray]  # the whole batch's rows, in the jobs' order
+    compute_s: float  # the model call alone
+    nbytes: int  # of all outputs: where they are encoded
+
+
+@dataclass(frozen=True)
 class Computed:
     payloads: list[bytes]  # one encoded response per job, in order
     compute_s: float  # the model call alone
 
 
 class BatchComputer:
-    """Stateless apart from one WireCodec per pool thread."""
+    """Stateless apart from one WireCodec per thread that encodes."""
 
     def __init__(self, limits: Limits, worker: str, codec_for: Callable[[Codec], Codec]) -> None:
         self._limits = limits
@@ -34,7 +44,7 @@ class BatchComputer:
         self._codec_for = codec_for
         self._local = threading.local()
 
-    def __call__(self, served: ServedModel, jobs: Sequence[Job], dispatched: float) -> Computed:
+    def infer(self, served: ServedModel, jobs: Sequence[Job]) -> Inferred:
         names = [spec.name for spec in served.config.inputs]
         if len(jobs) == 1:
             stacked = {n: jobs[0].request.inputs[n] for n in names}
@@ -43,7 +53,13 @@ class BatchComputer:
         started = time.monotonic()
         outputs = served.runner.run(stacked)
         compute_s = time.monotonic() - started
-        compute_ms = round(compute_s * 1000.0, 3)
+        return Inferred(outputs, compute_s, sum(v.nbytes for v in outputs.values()))
+
+    def encode(
+        self, served: ServedModel, jobs: Sequence[Job], inferred: Inferred, dispatched: float
+    ) -> Computed:
+        outputs = inferred.outputs
+        compute_ms = round(inferred.compute_s * 1000.0, 3)
         codec = self._codec()
         payloads: list[bytes] = []
         offset = 0
@@ -64,7 +80,7 @@ class BatchComputer:
             )
             payloads.append(codec.encode_response(resp, self._codec_for(job.request.codec)))
             offset = end
-        return Computed(payloads, compute_s)
+        return Computed(payloads, inferred.compute_s)
 
     def _codec(self) -> WireCodec:
         codec: WireCodec | None = getattr(self._local, "codec", None)

@@ -43,7 +43,6 @@ from inference_worker.pipeline.observe import Labels
 from inference_worker.pipeline.outbox import Outbox
 from inference_worker.pipeline.recovery import Recovery, RecoveryLoop
 from inference_worker.pipeline.statecalls import StateCalls
-from inference_worker.protocol import WireCodec
 from inference_worker.routing import ReplyPolicy
 from inference_worker.state.base import StateStore
 from inference_worker.state.deadletters import dead_letters_for
@@ -100,6 +99,7 @@ class Worker:
             self.stats,
             self.metrics,
             compute_timeout_s=s.worker.compute_timeout_s,
+            loop_codec_max_bytes=s.worker.loop_codec_max_bytes,
             clock=parts.clock,
             spawn=self._spawn,
         )
@@ -113,8 +113,9 @@ class Worker:
             clock=parts.clock,
             weights=parts.weights,
         )
-        # One decode thread: decoding one group at a time bounds what is being expanded
-        # at once to one request's worth, and keeps the event loop free meanwhile.
+        # One decode thread for the groups too large to decode on the loop (admission.py):
+        # one group at a time bounds what is being expanded at once, and the loop keeps
+        # serving meanwhile.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="iw-decode")
         self.admission = Admission(
             s.broker,
@@ -123,9 +124,10 @@ class Worker:
             parts.auth,
             calls,
             budget,
-            decode=WireCodec(limits).decode_requests,
+            limits=limits,
             decoder=self._decoder,
             wall_ms=parts.wall_ms,
+            loop_max_bytes=s.worker.loop_codec_max_bytes,
         )
         self.recovery = Recovery(
             parts.state,

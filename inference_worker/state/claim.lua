@@ -3,12 +3,15 @@
 -- KEYS: for item i (1-based): KEYS[2i-1] = req hash, KEYS[2i] = resp string;
 --       KEYS[2n+1] = leases zset, KEYS[2n+2] = retry zset.
 -- ARGV: [1] lease_ms, [2] max_attempts, [3] nonce, [4] req key prefix `{p}req:`,
---       then per item i (base = 4 + 6(i-1)): index, fp, payload, topic, reply_to,
---       correlation. reply_to and correlation are '' when absent, else '=' followed by
---       the value. `index` is the item's place in the caller's whole group (0-based):
---       on Redis Cluster a group is split into one call per shard, and the tokens must
---       still name the place in the group.
--- Returns one entry per item: {outcome, attempts} or {'done', attempts, response}.
+--       [5] the items, one msgpack array: per item i an array {index, fp, payload, topic,
+--       reply_to, correlation}. reply_to and correlation are '' when absent, else '='
+--       followed by the value. `index` is the item's place in the caller's whole group
+--       (0-based): on Redis Cluster a group is split into one call per shard, and the
+--       tokens must still name the place in the group. One packed argument instead of six
+--       per item: the client packs and the server parses it in C (cmsgpack), where
+--       hundreds of separate arguments cost the worker ~10 us of Python per item.
+-- Returns one msgpack array, one entry per item: {outcome, attempts} or
+-- {'done', attempts, response}.
 -- 'new' and 'exhausted' mean the caller now holds the lease under token
 -- `nonce .. ':' .. index`; for 'exhausted' only to complete the record with the
 -- `exhausted` error response (never run it).
@@ -25,6 +28,7 @@ local n = (#KEYS - 2) / 2
 local leases, retry = KEYS[#KEYS - 1], KEYS[#KEYS]
 local lease_ms, max_attempts = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nonce, req_prefix = ARGV[3], ARGV[4]
+local items = cmsgpack.unpack(ARGV[5])
 local now = now_ms()
 local until_ms = now + lease_ms
 local out = {}
@@ -36,11 +40,11 @@ local function lease(req, token, member, exhausted)
   redis.call('ZADD', leases, until_ms, member)
 end
 
-local function take(req, b, token, member, attempts)
+local function take(req, item, token, member, attempts)
   redis.call('DEL', req)
-  redis.call('HSET', req, 'state', 'pending', 'fp', ARGV[b + 2], 'attempts', attempts,
-    'payload', ARGV[b + 3], 'topic', ARGV[b + 4])
-  local reply_to, corr = ARGV[b + 5], ARGV[b + 6]
+  redis.call('HSET', req, 'state', 'pending', 'fp', item[2], 'attempts', attempts,
+    'payload', item[3], 'topic', item[4])
+  local reply_to, corr = item[5], item[6]
   if reply_to ~= '' then redis.call('HSET', req, 'reply_to', string.sub(reply_to, 2)) end
   if corr ~= '' then redis.call('HSET', req, 'corr', string.sub(corr, 2)) end
   lease(req, token, member, 0)
@@ -49,8 +53,8 @@ end
 
 for i = 1, n do
   local req, resp = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 4 + 6 * (i - 1)
-  local fp, token, member = ARGV[b + 2], nonce .. ':' .. ARGV[b + 1], member_of(req, req_prefix)
+  local item = items[i]
+  local fp, token, member = item[2], nonce .. ':' .. item[1], member_of(req, req_prefix)
   local h = redis.call('HMGET', req, 'state', 'fp', 'token', 'lease_until', 'attempts',
     'exhausted')
   local state, attempts = h[1], tonumber(h[5]) or 0
@@ -60,7 +64,7 @@ for i = 1, n do
     if not cached then state = false end -- response expired: the record counts as absent
   end
   if not state then
-    out[i] = take(req, b, token, member, 1)
+    out[i] = take(req, item, token, member, 1)
   elseif h[2] ~= fp then
     out[i] = {'conflict', attempts}
   elseif state == 'done' then
@@ -73,7 +77,7 @@ for i = 1, n do
     lease(req, token, member, 1) -- attempts stay: this lease only closes the record
     out[i] = {'exhausted', attempts}
   else
-    out[i] = take(req, b, token, member, attempts + 1)
+    out[i] = take(req, item, token, member, attempts + 1)
   end
 end
-return out
+return cmsgpack.pack(out)

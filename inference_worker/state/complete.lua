@@ -2,10 +2,10 @@
 --
 -- KEYS: per item i: KEYS[2i-1] = req hash, KEYS[2i] = resp string;
 --       KEYS[2n+1] = leases zset, KEYS[2n+2] = retry zset.
--- ARGV: [1] result_ttl_s, [2] req key prefix `{p}req:`, then per item i
---       (base = 2 + 2(i-1)): token, response.
--- Returns one integer per item: 1 when the caller held the lease (or this is a replay of
--- its own completion), else 0 and nothing is written for that item.
+-- ARGV: [1] result_ttl_s, [2] req key prefix `{p}req:`, [3] the items, one msgpack
+--       array: per item i an array {token, response} (one argument, as in claim.lua).
+-- Returns one string, a character per item: '1' when the caller held the lease (or
+-- this is a replay of its own completion), else '0' and nothing is written for that item.
 --
 -- The done record keeps `token` so that a replayed call (client retry after a lost reply)
 -- still answers 1; the journal and the lease fields go, and the req hash gets the
@@ -13,14 +13,14 @@
 local n = (#KEYS - 2) / 2
 local leases, retry = KEYS[#KEYS - 1], KEYS[#KEYS]
 local ttl, req_prefix = tonumber(ARGV[1]), ARGV[2]
+local items = cmsgpack.unpack(ARGV[3])
 local out = {}
 for i = 1, n do
   local req, resp = KEYS[2 * i - 1], KEYS[2 * i]
-  local b = 2 + 2 * (i - 1)
-  local token, response = ARGV[b + 1], ARGV[b + 2]
+  local token, response = items[i][1], items[i][2]
   local h = redis.call('HMGET', req, 'state', 'token')
   if h[2] ~= token then
-    out[i] = 0
+    out[i] = '0'
   elseif h[1] == 'pending' then
     local member = member_of(req, req_prefix)
     redis.call('SET', resp, response, 'EX', ttl)
@@ -30,11 +30,11 @@ for i = 1, n do
     redis.call('EXPIRE', req, ttl)
     redis.call('ZREM', leases, member)
     redis.call('ZREM', retry, member)
-    out[i] = 1
+    out[i] = '1'
   elseif h[1] == 'done' and redis.call('EXISTS', resp) == 1 then
-    out[i] = 1
+    out[i] = '1'
   else
-    out[i] = 0
+    out[i] = '0'
   end
 end
-return out
+return table.concat(out)

@@ -44,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inference_worker.security import TlsOptions, redis_kwargs
 from inference_worker.state.layout import MAX_SHARDS
+from inference_worker.state.packing import fast_packing
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -180,7 +181,7 @@ def open_client(
     """
     if not is_cluster_url(url):
         security = redis_kwargs(url, username=username, password=password, tls=tls)
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             url,
             decode_responses=False,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
@@ -191,6 +192,11 @@ def open_client(
             client_name="inference-worker",
             **security,
         )
+        # The URL's scheme picked the class (plain, TLS, unix socket); nothing is
+        # connected yet, so every connection of the pool packs fast (state/packing.py).
+        pool = client.connection_pool
+        pool.connection_class = fast_packing(pool.connection_class)
+        return client
     parsed = check_cluster(url, tls)
     tls = tls or TlsOptions()
     return RedisCluster(

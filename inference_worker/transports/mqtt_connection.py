@@ -7,7 +7,7 @@ alive (PINGREQ after `keepalive_s` without sending; the link is dropped when no
 PINGRESP came within another `keepalive_s`) and, when the connection is lost,
 reconnects with exponential backoff between `reconnect_min_s` and `reconnect_max_s`.
 
-Bytes in: `Link.data_received` parses whole reads (`mqtt_packets.Reader`) and hands
+Bytes in: `Link.data_received` (mqtt_link.py) parses whole reads (`mqtt_packets.Reader`) and hands
 each packet to the callbacks on the event loop. Bytes out: packets queued in one pass of
 the loop go out in one `write()` at its end, so a group's PUBACKs and a batch's
 responses cost one system call.
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from inference_worker.transports import mqtt_packets as packets
 from inference_worker.transports.base import TransportOptions
+from inference_worker.transports.mqtt_link import Link
 
 log = logging.getLogger(__name__)
 
@@ -67,71 +68,6 @@ class Handlers:
     message: Callable[[packets.Message], None]
     puback: Callable[[int, int], None]
     connected: Callable[[], None]
-
-
-class Link(asyncio.Protocol):
-    """One TCP/TLS connection to the broker (asyncio's protocol side)."""
-
-    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        self._conn = conn
-        self._loop = loop
-        self._reader = packets.Reader()
-        self._out: list[bytes] = []
-        self._transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.last_sent = time.monotonic()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            for packet in self._reader.feed(data):
-                self._conn.received(self, packet)
-        except packets.MalformedPacket as exc:
-            self._conn.last_error = str(exc)
-            log.warning("MQTT broker %s: %s; dropping the connection", self._conn.where, exc)
-            self.abort()
-        except BaseException as exc:  # a bug in a callback: the task ends with it
-            self.abort()
-            self._conn.crashed(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self._out.clear()
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self._conn.link_lost(self, exc)
-
-    @property
-    def open(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
-
-    def send(self, packet: bytes) -> None:
-        """Queue `packet`; everything queued in this pass of the loop is written once."""
-        if self._transport is None:
-            return
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.append(packet)
-
-    def _flush(self) -> None:
-        transport = self._transport
-        if self._out and transport is not None and not transport.is_closing():
-            transport.write(b"".join(self._out))
-            self.last_sent = time.monotonic()
-        self._out.clear()
-
-    def close(self) -> None:
-        """Write what is queued, then close."""
-        self._flush()
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
 
 
 class Connection:
@@ -242,7 +178,7 @@ class Connection:
         up = self._up = loop.create_future()
         tls = self._credentials.ssl_context
         try:
-            _, link = await asyncio.wait_for(
+            wire, link = await asyncio.wait_for(
                 loop.create_connection(
                     lambda: Link(self, loop),
                     self._host,
@@ -254,6 +190,14 @@ class Connection:
             )
         except (OSError, TimeoutError) as exc:
             self.last_error = f"cannot connect: {exc or type(exc).__name__}"
+            up.cancel()
+            return False
+        if _self_connected(wire):
+            # A broker port in the ephemeral range with nothing listening: the kernel may
+            # pick that very port as ours (TCP simultaneous open), and the socket talks to
+            # itself — and holds the port the restarted broker needs.
+            wire.close()
+            self.last_error = "cannot connect: the socket connected to itself (no broker)"
             up.cancel()
             return False
         self._link = link
@@ -402,3 +346,11 @@ class Connection:
             up.set_exception(SubscriptionsRefused(message))
         else:
             up.set_result(None)
+
+
+def _self_connected(wire: asyncio.BaseTransport) -> bool:
+    sock = wire.get_extra_info("socket")
+    try:
+        return sock is not None and sock.getsockname() == sock.getpeername()
+    except OSError:
+        return False

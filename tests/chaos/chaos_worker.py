@@ -32,7 +32,7 @@ import numpy as np
 import inference_worker.app as app
 from inference_worker import cli
 from inference_worker.pipeline import Assembly, Job, Worker
-from inference_worker.pipeline.compute import BatchComputer, Computed
+from inference_worker.pipeline.compute import BatchComputer, Inferred
 from inference_worker.runtimes.base import Runner
 from inference_worker.serving import ServedModel
 from inference_worker.state.base import StateStore
@@ -124,13 +124,11 @@ def main() -> int:
         faulty = dataclasses.replace(parts, state=_FaultyState(parts.state))  # type: ignore[arg-type]
         real_init(self, faulty)
 
-    real_compute = BatchComputer.__call__
+    real_compute = BatchComputer.infer
     batches = itertools.count(1)
 
-    def compute(
-        self: BatchComputer, served: ServedModel, jobs: Sequence[Job], dispatched: float
-    ) -> Computed:
-        out = real_compute(self, served, jobs, dispatched)
+    def compute(self: BatchComputer, served: ServedModel, jobs: Sequence[Job]) -> Inferred:
+        out = real_compute(self, served, jobs)
         if fd is not None:
             n = next(batches)
             with _uncompleted_lock:
@@ -140,7 +138,7 @@ def main() -> int:
 
     app.load_models = load_models  # type: ignore[assignment]
     Worker.__init__ = init  # type: ignore[method-assign]
-    BatchComputer.__call__ = compute  # type: ignore[method-assign]
+    BatchComputer.infer = compute  # type: ignore[method-assign]
     return cli.main(["run", *sys.argv[1:]])
 
 

@@ -21,30 +21,30 @@ from collections.abc import Sequence
 from typing import Any
 
 from inference_worker import cli
-from inference_worker.pipeline.compute import BatchComputer, Computed
+from inference_worker.pipeline.compute import BatchComputer, Inferred
 
 
 def main() -> int:
     path = os.environ.get("FLEET_LOG")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
     slow_s = float(os.environ.get("FLEET_SLOW_MS", "0")) / 1000.0
-    real = BatchComputer.__call__
+    real = BatchComputer.infer
     batches = itertools.count(1)
 
-    def compute(self: BatchComputer, served: Any, jobs: Sequence[Any], *rest: Any) -> Computed:
+    def compute(self: BatchComputer, served: Any, jobs: Sequence[Any]) -> Inferred:
         n = next(batches)
         if fd is not None:
             os.write(fd, f"S\t{n}\t{time.monotonic_ns()}\n".encode())
         if slow_s:
             time.sleep(slow_s)
-        out = real(self, served, jobs, *rest)
+        out = real(self, served, jobs)
         if fd is not None:
             t = time.monotonic_ns()
             lines = (f"C\t{j.request.app}\t{j.request.id}\t{n}\t{t}\n" for j in jobs)
             os.write(fd, "".join(lines).encode())
         return out
 
-    BatchComputer.__call__ = compute  # type: ignore[method-assign, assignment]
+    BatchComputer.infer = compute  # type: ignore[method-assign]
     return cli.main(["run", *sys.argv[1:]])
 
 
