@@ -4,7 +4,7 @@ A claim or a completion names two keys per request, ~130 arguments for a group o
 redis-py's asyncio `pack_command` is Python per argument (the encoder's type checks, and
 a join of the growing buffer per argument): measured here 86 us for such a call, about a
 third of the worker's Redis CPU. hiredis (a dependency) packs the same bytes in C in
-~10 us; without it (or for an argument type it does not take) the command is packed in
+~10 us; without it (or for an argument type it refuses) the command is packed in
 Python with one join (69 us). Values over redis-py's cutoff still travel as their own
 chunk there, not copied, as in redis-py.
 
@@ -40,10 +40,14 @@ class FastPacking:
             args = tuple(args[0].encode().split()) + args[1:]
         elif b" " in args[0]:
             args = tuple(args[0].split()) + args[1:]
-        # str, bytes and int pack identically in hiredis; anything else (float, bool,
-        # memoryview) takes redis-py's encoder, so its conversions and errors stay.
-        if _c_pack is not None and all(type(a) in (str, bytes, int) for a in args):
-            return [_c_pack(args)]
+        # hiredis packs str, bytes, int, float (as repr) and buffers exactly as redis-py's
+        # encoder does; it refuses anything else (bool, None) with TypeError, and then
+        # redis-py's encoder raises its own error for it.
+        if _c_pack is not None:
+            try:
+                return [_c_pack(args)]
+            except TypeError:
+                pass
         return self._pack_python(args)
 
     def _pack_python(self, args: tuple[Any, ...]) -> list[bytes | memoryview]:
