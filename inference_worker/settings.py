@@ -146,9 +146,12 @@ class WorkerSettings:
     claim_group_max: int = 256
     # A claim group is also bounded by the wire bytes it carries (one Redis call each).
     claim_group_max_bytes: int = 8 * 1024 * 1024
-    # Groups between intake and their lanes at once: while one waits for its Redis claim,
-    # the next is decoded, so a request does not queue behind a whole round trip.
-    claim_groups_in_flight: int = 2
+    # Groups between intake and their lanes at once. 1: while a group waits for its Redis
+    # claim the next one gathers in intake, so groups (and Redis calls) grow with load;
+    # more overlap a group's admission with the claim in flight (which paid while decode
+    # ran in a thread; with small groups decoded on the loop 1 measured lower CPU and
+    # latency, benchmarks/RESULTS.md).
+    claim_groups_in_flight: int = 1
     # The interpreter's thread switch interval (sys.setswitchinterval), for `run`: the
     # event loop gives up the GIL on every system call and may then wait this long behind
     # a pool thread running Python (decode, encode). CPython's default is 5 ms; 0.5 halved

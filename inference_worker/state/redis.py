@@ -7,8 +7,7 @@ touches, so a batch of N requests costs one round trip on a single Redis (one sh
 each item is decided atomically against every other worker. The scripts read `TIME` on
 the server, so lease deadlines do not depend on worker clocks. The two calls on the
 request path (claim, complete) carry their items' fields as one msgpack argument and
-answer with one value, which Redis's Lua reads and writes in C (cmsgpack): hundreds of
-separate arguments and nested replies cost the worker ~10 us of Python per item.
+answer with one value (scriptcalls.py runs the calls).
 
 Key layout (layout.py): shard base `b` is the prefix (`iw:`) on a single Redis, and
 `{prefix}{{tag}}:` for each of the shards of a cluster; with `m = member(app, id)`:
@@ -55,12 +54,10 @@ SCRIPT FLUSH the `Script` object sees NOSCRIPT and reloads transparently.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
@@ -99,35 +96,19 @@ from inference_worker.state.keys import (
     parse_member,
 )
 from inference_worker.state.layout import KeyLayout, Shard
+from inference_worker.state.scriptcalls import (
+    Call,
+    ScriptCalls,
+    optional,
+    packed,
+    unpack_flags,
+    unpack_rows,
+)
 from inference_worker.state.scripts import SCRIPTS, script_source
 
 __all__ = ["RedisStateStore", "member", "parse_member", "redact_url"]
 
-Call = tuple[list[str], list[Any]]  # one script call's keys and args
 _PROBE_ERRORS: tuple[type[BaseException], ...] = (RedisError, RuntimeError, *OUTAGE)
-
-
-def _packed(items: list[list[Any]]) -> bytes:
-    """A script's items as one argument: msgpack without the bin type, which Redis's
-    cmsgpack does not read (its strings are byte strings either way)."""
-    packed: bytes = msgpack.packb(items, use_bin_type=False)
-    return packed
-
-
-def _optional(value: str | bytes | None) -> bytes:
-    """claim.lua's encoding of an optional field: b"" for None, else b"=" + the value."""
-    if value is None:
-        return b""
-    return b"=" + (value.encode() if isinstance(value, str) else value)
-
-
-def _unpack_rows(reply: bytes) -> list[Any]:
-    rows: list[Any] = msgpack.unpackb(reply, raw=True)
-    return rows
-
-
-def _unpack_flags(reply: bytes) -> bytes:
-    return reply
 
 
 class RedisStateStore:
@@ -160,7 +141,7 @@ class RedisStateStore:
         self._prefix = prefix
         self._errors = ErrorText(url, self.user, prefix)
         self._client: aioredis.Redis | RedisCluster | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        self._calls = ScriptCalls(self.layout, self._errors)
 
     @property
     def client(self) -> aioredis.Redis | RedisCluster:
@@ -197,14 +178,15 @@ class RedisStateStore:
         )
         try:
             await client.ping()
+            scripts: dict[str, AsyncScript] = {}
             for name in SCRIPTS:
                 script = client.register_script(script_source(name))
                 await client.script_load(script.script)
-                self._scripts[name] = script
+                scripts[name] = script
             first = self.layout.shards[0]
-            await self._scripts["claim.lua"](
+            await scripts["claim.lua"](
                 keys=[first.leases, first.retry],
-                args=[1, 1, "start", first.req_prefix, _packed([])],
+                args=[1, 1, "start", first.req_prefix, packed([])],
             )
         except Exception as exc:
             error = self._errors.at_start(exc)
@@ -213,9 +195,11 @@ class RedisStateStore:
                 raise
             raise error from exc if type(error) is StateUnavailable else None
         self._client = client
+        self._calls.bind(client, scripts)
 
     async def close(self) -> None:
         if self._client is not None:
+            self._calls.unbind()
             await self._client.aclose()
             self._client = None
 
@@ -225,64 +209,6 @@ class RedisStateStore:
             return bool(await self.client.ping())
         except _PROBE_ERRORS:
             return False
-
-    async def _run(
-        self,
-        name: str,
-        keys: list[str],
-        args: list[Any],
-        unpack: Callable[[Any], Sequence[Any]] = list,
-    ) -> Sequence[Any]:
-        if self._client is None:
-            raise RuntimeError("RedisStateStore used before start()")
-        try:
-            result = await self._scripts[name](keys=keys, args=args)
-        except Exception as exc:
-            error = self._errors.in_call(exc)
-            if error is None:
-                raise
-            raise error from exc if type(error) is StateUnavailable else None
-        return unpack(result)
-
-    async def _run_each(
-        self,
-        name: str,
-        calls: Sequence[Call],
-        unpack: Callable[[Any], Sequence[Any]] = list,
-    ) -> list[Sequence[Any]]:
-        """One call per shard, concurrently; all answered, or the first error raised."""
-        if len(calls) == 1:
-            return [await self._run(name, *calls[0], unpack)]
-        results = await asyncio.gather(
-            *(self._run(name, keys, args, unpack) for keys, args in calls),
-            return_exceptions=True,
-        )
-        out: list[Sequence[Any]] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            out.append(result)
-        return out
-
-    async def _grouped(
-        self,
-        name: str,
-        members: Sequence[str],
-        build: Callable[[Shard, list[int]], Call],
-        *,
-        unpack: Callable[[Any], Sequence[Any]] = list,
-    ) -> list[Any]:
-        """Run `name` once per shard of `members` (`build` makes each call from the
-        shard and its items' positions); one answer per member, in the members' order
-        (`unpack` turns one call's reply into its answers)."""
-        groups = self.layout.group(members)
-        calls = [build(shard, idx) for shard, idx in groups]
-        answers = await self._run_each(name, calls, unpack)
-        out: list[Any] = [None] * len(members)
-        for (_, idx), rows in zip(groups, answers, strict=True):
-            for i, row in zip(idx, rows, strict=True):
-                out[i] = row
-        return out
 
     async def claim(
         self, items: Sequence[ClaimRequest], *, nonce: str, lease_ms: int, max_attempts: int
@@ -295,24 +221,24 @@ class RedisStateStore:
 
         def build(shard: Shard, idx: list[int]) -> Call:
             keys: list[str] = []
-            packed: list[list[Any]] = []
+            fields: list[list[Any]] = []
             for i in idx:
                 s = items[i].source
                 keys += [shard.req_prefix + members[i], shard.resp_prefix + members[i]]
-                packed.append(
+                fields.append(
                     [
                         i,
                         items[i].fingerprint,
                         s.payload,
                         s.topic,
-                        _optional(s.reply_to),
-                        _optional(s.correlation),
+                        optional(s.reply_to),
+                        optional(s.correlation),
                     ]
                 )
-            args = [lease_ms, max_attempts, nonce, shard.req_prefix, _packed(packed)]
+            args = [lease_ms, max_attempts, nonce, shard.req_prefix, packed(fields)]
             return [*keys, shard.leases, shard.retry], args
 
-        rows = await self._grouped("claim.lua", members, build, unpack=_unpack_rows)
+        rows = await self._calls.grouped("claim.lua", members, build, unpack=unpack_rows)
         out: list[ClaimResult] = []
         for i, row in enumerate(rows):
             token = claim_token(nonce, i)
@@ -336,10 +262,10 @@ class RedisStateStore:
             keys: list[str] = []
             for i in idx:
                 keys += [shard.req_prefix + members[i], shard.resp_prefix + members[i]]
-            packed = _packed([[items[i].token, items[i].response] for i in idx])
-            return [*keys, shard.leases, shard.retry], [result_ttl_s, shard.req_prefix, packed]
+            fields = packed([[items[i].token, items[i].response] for i in idx])
+            return [*keys, shard.leases, shard.retry], [result_ttl_s, shard.req_prefix, fields]
 
-        rows = await self._grouped("complete.lua", members, build, unpack=_unpack_flags)
+        rows = await self._calls.grouped("complete.lua", members, build, unpack=unpack_flags)
         return [x == ord("1") for x in rows]
 
     async def abandon(self, items: Sequence[Abandon]) -> list[bool]:
@@ -351,7 +277,7 @@ class RedisStateStore:
             keys = [shard.req_prefix + members[i] for i in idx] + [shard.leases, shard.retry]
             return keys, [shard.req_prefix, *(items[i].token for i in idx)]
 
-        return [bool(x) for x in await self._grouped("abandon.lua", members, build)]
+        return [bool(x) for x in await self._calls.grouped("abandon.lua", members, build)]
 
     async def renew(
         self, items: Sequence[Renewal], *, lease_ms: int, max_lease_ms: int
@@ -366,7 +292,7 @@ class RedisStateStore:
             args: list[Any] = [lease_ms, max_lease_ms, shard.req_prefix]
             return keys, args + [items[i].token for i in idx]
 
-        return [bool(x) for x in await self._grouped("renew.lua", members, build)]
+        return [bool(x) for x in await self._calls.grouped("renew.lua", members, build)]
 
     async def schedule_retry(self, items: Sequence[RetryLater]) -> list[bool]:
         for item in items:
@@ -382,7 +308,7 @@ class RedisStateStore:
                 args += [items[i].token, items[i].delay_ms]
             return keys, args
 
-        return [bool(x) for x in await self._grouped("schedule.lua", members, build)]
+        return [bool(x) for x in await self._calls.grouped("schedule.lua", members, build)]
 
     async def reap_expired(
         self, *, lease_ms: int, max_attempts: int, limit: int = 100
@@ -404,7 +330,7 @@ class RedisStateStore:
         out: list[Reclaimed] = []
         for _ in range(sweep.ROUNDS):
             want = limit - len(out)
-            peeks = await self._run_each("peek.lua", [([source(s)], [want]) for s in shards])
+            peeks = await self._calls.run_each("peek.lua", [([source(s)], [want]) for s in shards])
             todo, scores = sweep.plan(shards, peeks, want)
             if not todo:
                 break
@@ -429,5 +355,5 @@ class RedisStateStore:
             own = nonce if len(todo) == 1 else f"{nonce}-{shard.index}"
             keys = [source(shard), shard.leases, shard.retry, shard.receipt(own)]
             calls.append((keys, [shard.req_prefix, lease_ms, max_attempts, n, own]))
-        answers = await self._run_each("takeover.lua", calls)
+        answers = await self._calls.run_each("takeover.lua", calls)
         return sweep.reclaimed([row for answer in answers for row in answer], scores)

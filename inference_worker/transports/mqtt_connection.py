@@ -162,7 +162,11 @@ class Connection:
                     delay = self._options.reconnect_min_s
                     await self._watch()
                     if not self._closing:
-                        log.warning("disconnected from MQTT broker %s; reconnecting", self.where)
+                        log.warning(
+                            "disconnected from MQTT broker %s (%s); reconnecting",
+                            self.where,
+                            self.last_error,
+                        )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._options.reconnect_max_s)
         except asyncio.CancelledError:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from inference_worker.state import (
@@ -97,13 +98,15 @@ async def test_lost_reply_then_retry_is_not_dropped(
     nonce gets its own lease back instead of IN_PROGRESS (which would drop the request)."""
     store = await redis_store(redis)
     try:
-        inner: Callable[..., Awaitable[Any]] = store.client.execute_command
+        # At the connection: the store's script calls do not go through execute_command
+        # (state/direct.py). Every reply is lost until undo, the call's own retry too.
+        inner: Callable[..., Awaitable[Any]] = AbstractConnection.read_response
 
         async def lose_reply(*args: Any, **kwargs: Any) -> Any:
             await inner(*args, **kwargs)
             raise RedisConnectionError("connection reset after the script ran")
 
-        monkeypatch.setattr(store.client, "execute_command", lose_reply)
+        monkeypatch.setattr(AbstractConnection, "read_response", lose_reply)
         n = nonce()
         with pytest.raises(StateUnavailable):
             await claim1(store, req(), max_attempts=1, nonce_=n)
