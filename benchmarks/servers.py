@@ -56,10 +56,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as probe:
+                # Not the server: a connect to a free ephemeral port can complete as a
+                # connection to itself (and then holds the port the server must bind).
+                if probe.getsockname() != probe.getpeername():
+                    return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise TimeoutError(f"port {port} not listening after {timeout}s")
 
 

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -401,7 +402,24 @@ async def test_mqtt_start_fails_clearly_without_broker() -> None:
     assert "s3cret" not in str(err.value)
 
 
+async def _named_hang(body: Awaitable[None], seconds: float) -> None:
+    """Await `body`; if it has not finished within `seconds`, print every task's stack (so
+    a hang says where it is, which pytest-timeout's thread dump cannot) and fail."""
+    task = asyncio.ensure_future(body)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        for other in asyncio.all_tasks():
+            other.print_stack(file=sys.stderr)
+        task.cancel()
+        pytest.fail(f"hung for {seconds}s; every task's stack is on stderr")
+    task.result()
+
+
 async def test_mqtt_survives_broker_restart() -> None:
+    await _named_hang(_broker_restart(), 120)
+
+
+async def _broker_restart() -> None:
     with mosquitto_server() as srv:
         topic = f"t/{uid()}"
         quick = TransportOptions(client_id="", reconnect_min_s=0.1, reconnect_max_s=0.5)
