@@ -73,6 +73,8 @@ DEFAULT_SHARDS = 16
 #   (a claim replayed with the same nonce answers as before, a completion `True`, a
 #   takeover the records it took). On a cluster the same count bounds the client's own
 #   retries, each after re-reading the slot map (a failover moves slots to a replica).
+#   On a single Redis the store's script calls bypass this client-level retry
+#   (state/direct.py: one retry on a fresh connection; StateCalls backs off after).
 CONNECT_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
 HEALTH_CHECK_S = 30

@@ -13,12 +13,8 @@ complete reply (a connection error, a timeout, a cancellation): a reply left hal
 would be read by the next call. An error reply (`ResponseError`) is a complete reply.
 A connection error is tried once more on a fresh connection before it is raised, as
 redis-py's own retry would: a pooled connection that died while idle (Redis restarted)
-is not an outage. Every script is replay-safe, so a call whose reply was lost may run
-twice.
-A connection error is tried once more on a fresh connection before it is raised, as
-redis-py's own retry would: a pooled connection that died while idle (Redis restarted)
-is not an outage. Every script is replay-safe, so a call whose reply was lost may run
-twice.
+is not an outage (a connect that fails is not retried here: the pool already tried it).
+Every script is replay-safe, so a call whose reply was lost may run twice.
 NOSCRIPT (Redis restarted, failed over, SCRIPT FLUSH) loads the script and calls once
 more, as `Script.__call__` does. Only for a single Redis; a cluster keeps redis-py's
 client, which routes each call to its slot's node.
@@ -26,6 +22,7 @@ client, which routes each call to its slot's node.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,22 +45,27 @@ async def evalsha(
 
 
 async def _call(client: aioredis.Redis, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-    try:
-        return await _once(client, sha, keys, args)
-    except (RedisConnectionError, RedisTimeoutError):
-        return await _once(client, sha, keys, args)
-
-
-async def _once(client: aioredis.Redis, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
     pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
-        return await conn.read_response()
-    except ResponseError:
-        raise  # the whole reply was read: the connection stays good
-    except BaseException:
-        await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
+    for attempt in (1, 2):
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+            return await conn.read_response()
+        except ResponseError:
+            raise  # the whole reply was read: the connection stays good
+        except (RedisConnectionError, RedisTimeoutError):
+            await _drop(conn)
+            if attempt == 2:
+                raise
+        except BaseException:
+            await _drop(conn)
+            raise
+        finally:
+            await pool.release(conn)
+    raise AssertionError("unreachable")
+
+
+async def _drop(conn: Any) -> None:
+    """Close without waiting on the peer; a failure to close must not hide the error."""
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import zstandard
 
-from inference_worker.pipeline.admission import _UNKNOWN, _declared_size
+from inference_worker.pipeline.admission import _JSON_WEIGHT, _UNKNOWN, _declared_size
 
 
 def test_a_plain_payload_counts_its_own_length() -> None:
     assert _declared_size(b"\x81\xa2id\xa1x") == 6
     assert _declared_size(b"") == 0
+
+
+def test_json_counts_more_per_byte() -> None:
+    assert _declared_size(b'{"id": "x"}') == 11 * _JSON_WEIGHT
 
 
 def test_a_zstd_frame_counts_the_content_size_it_declares() -> None:
