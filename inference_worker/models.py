@@ -6,7 +6,7 @@ Layout::
     config/models/digits/1/model.onnx    version 1 (the newest numeric directory wins)
 
 Configs are validated once, at load, with errors that name the file and the field, so a
-typo stops the worker at startup instead of failing requests. `validate_inputs` checks a
+typo stops the worker at startup instead of failing requests. `inputs.validate_inputs` checks a
 decoded request against the declaration before it is batched: a bad request must fail
 alone, with `invalid_input`, not poison the batch it would have been stacked into.
 """
@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from inference_worker.protocol import DTYPE_NAMES, ErrorCode, ProtocolError
+from inference_worker.protocol import DTYPE_NAMES
 from inference_worker.runtimes.base import TensorSpec
 
 CONFIG_FILE = "config.yaml"
@@ -352,54 +351,3 @@ class ModelRepository:
         if not _NAME_RE.match(name) or not (self._root / name / CONFIG_FILE).is_file():
             raise UnknownModelError(f"unknown model {name!r}")
         return self._root / name
-
-
-def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> int:
-    """Check request tensors against the declaration; return the number of rows.
-
-    Exact dtypes are required (no silent casts: a float64 request to a float32 model is
-    the client's bug, and casting would hide it and cost a copy).
-    """
-
-    def fail(message: str) -> ProtocolError:
-        return ProtocolError(
-            ErrorCode.INVALID_INPUT, f"model {config.name!r}: {message}", model=config.name
-        )
-
-    declared = {spec.name for spec in config.inputs}
-    missing = sorted(declared - set(inputs))
-    extra = sorted(set(inputs) - declared)
-    if missing or extra:
-        raise fail(f"inputs must be exactly {sorted(declared)}; missing {missing}, extra {extra}")
-    rows: dict[str, int] = {}
-    for spec in config.inputs:
-        arr = inputs[spec.name]
-        if not isinstance(arr, np.ndarray):
-            raise fail(f"input {spec.name!r}: expected an array, got {type(arr).__name__}")
-        if arr.dtype != np.dtype(spec.dtype):
-            raise fail(f"input {spec.name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
-        if arr.ndim != len(spec.shape):
-            raise fail(
-                f"input {spec.name!r}: expected rank {len(spec.shape)} (shape {list(spec.shape)}),"
-                f" got shape {list(arr.shape)}"
-            )
-        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
-            if axis > 0 and want != -1 and want != got:
-                raise fail(
-                    f"input {spec.name!r}: expected shape {list(spec.shape)}, got "
-                    f"{list(arr.shape)} (dim {axis})"
-                )
-        rows[spec.name] = arr.shape[0]
-    if len(set(rows.values())) > 1:
-        raise fail(f"inputs disagree on the batch dimension: {rows}")
-    n = next(iter(rows.values()))
-    if n < 1:
-        raise fail("batch dimension is 0: at least one row is required")
-    if n > config.max_batch_size:
-        raise fail(f"{n} rows exceed max_batch_size {config.max_batch_size}")
-    if not config.allow_non_finite:
-        for spec in config.inputs:
-            arr = inputs[spec.name]
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                raise fail(f"input {spec.name!r}: NaN or infinity not allowed")
-    return n

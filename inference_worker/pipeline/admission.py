@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import zstandard
 
 from inference_worker.auth import Authenticator, AuthMode, Verdict
+from inference_worker.inputs import validate_inputs
 from inference_worker.journal import JournalEntry
-from inference_worker.models import validate_inputs
 from inference_worker.pipeline.intake import ByteBudget
 from inference_worker.pipeline.jobs import Address, Job, Refusal
 from inference_worker.pipeline.lanes import LaneSet

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
@@ -44,7 +43,12 @@ from inference_worker.transports.kafka_group import (
     logged,
     pin_start_positions,
 )
-from inference_worker.transports.kafka_headers import UNDECODABLE, ReadHeaders, read_headers
+from inference_worker.transports.kafka_headers import (
+    UNDECODABLE,
+    ReadHeaders,
+    read_headers,
+    record_delivery,
+)
 from inference_worker.transports.kafka_publish import TopicDirectory, send_all, start_producer
 from inference_worker.transports.kafka_topics import kafka_topic, mqtt_topic, subscription_pattern
 from inference_worker.transports.memory import DeliveryBuffer
@@ -358,23 +362,8 @@ class KafkaTransport:
         """Buffer one record as a Delivery (never raises); what it cannot use is a defect."""
         if not self._ledger.holds(tp):
             return  # revoked while the fetch was in flight: the new owner reads it
-        defect = read.defect
-        try:
-            topic = mqtt_topic(tp.topic)
-        except ValueError as exc:
-            topic, defect = tp.topic, defect or str(exc)
-        self._buffer.put(
-            Delivery(
-                payload=payload,
-                topic=topic,
-                received_at=time.monotonic(),
-                headers=read.headers,
-                reply_to=read.reply_to,
-                correlation=read.correlation,
-                defect=defect,
-                acker=self._ledger.delivered(tp, offset),
-            )
-        )
+        acker = self._ledger.delivered(tp, offset)
+        self._buffer.put(record_delivery(tp.topic, payload, read, acker))
 
     async def _commit_loop(self) -> None:
         while not self._closed:

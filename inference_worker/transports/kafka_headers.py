@@ -13,10 +13,12 @@ with replacement (the worker echoes `traceparent`); the reserved names `reply_to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference_worker.transports.base import Delivery
 from inference_worker.transports.kafka_topics import kafka_topic, mqtt_topic
 
 RESERVED_HEADERS = frozenset({"reply_to", "correlation_id"})
@@ -86,3 +88,25 @@ def write_headers(
     if correlation is not None:
         out.append(("correlation_id", bytes(correlation)))
     return out
+
+
+def record_delivery(
+    kafka_name: str, payload: bytes, read: ReadHeaders, acker: Callable[[], None]
+) -> Delivery:
+    """One record as a Delivery (never raises): a topic with no MQTT-style name is a
+    defect too, so the record is still answered and acked, not left to stall."""
+    defect = read.defect
+    try:
+        topic = mqtt_topic(kafka_name)
+    except ValueError as exc:
+        topic, defect = kafka_name, defect or str(exc)
+    return Delivery(
+        payload=payload,
+        topic=topic,
+        received_at=time.monotonic(),
+        headers=read.headers,
+        reply_to=read.reply_to,
+        correlation=read.correlation,
+        defect=defect,
+        acker=acker,
+    )

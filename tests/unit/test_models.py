@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from inference_worker.inputs import validate_inputs
 from inference_worker.models import (
     ModelConfig,
     ModelConfigError,
@@ -14,7 +15,6 @@ from inference_worker.models import (
     UnknownModelError,
     discover_versions,
     load_model_config,
-    validate_inputs,
 )
 from inference_worker.protocol import ErrorCode, ProtocolError
 from inference_worker.runtimes.base import TensorSpec
