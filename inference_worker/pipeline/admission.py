@@ -6,13 +6,13 @@ like claims) and apply the reply-topic policy for the final app.
 
 Where a group is decoded. A group whose payloads declare at most
 `worker.loop_codec_max_bytes` of decoded content in all (a zstd frame's declared content
-size, which libzstd holds it to; a plain payload's own length) is decoded on the event
-loop: for small requests the hand-off to a thread and back costs more than the decode
-(~0.1 ms of CPU and ~1 ms of latency per group, and the thread's Python competes with the
-loop for the GIL; measured in benchmarks/RESULTS.md). Any other group — large content, or
-a zstd frame that does not declare its size, such as a decompression bomb (a 60 MiB one
-takes ~90 ms to expand) — is decoded in the decode thread, one group at a time, where
-zstd releases the GIL and the loop keeps serving.
+size, which libzstd holds it to; a plain payload's own length, JSON's weighted) is
+decoded on the event loop: for small requests the hand-off to a thread and back costs
+more than the decode (~0.1 ms of CPU and ~1 ms of latency per group, and the thread's
+Python competes with the loop for the GIL; measured in benchmarks/RESULTS.md). Any other
+group — large content, or a zstd frame that does not declare its size, such as a
+decompression bomb (a 60 MiB one takes ~90 ms to expand) — is decoded in the decode
+thread, one group at a time, where zstd releases the GIL and the loop keeps serving.
 
 Who may be answered where. The app a reply topic is checked against is the *established*
 one: the topic's `<app>` segment (bound to the publisher by the broker ACL) or the app of
@@ -40,7 +40,15 @@ from inference_worker.pipeline.intake import ByteBudget
 from inference_worker.pipeline.jobs import Address, Job, Refusal
 from inference_worker.pipeline.lanes import LaneSet
 from inference_worker.pipeline.statecalls import StateCalls
-from inference_worker.protocol import Codec, ErrorCode, Limits, ProtocolError, Request, WireCodec
+from inference_worker.protocol import (
+    Codec,
+    ErrorCode,
+    Limits,
+    ProtocolError,
+    Request,
+    WireCodec,
+    detect_codec,
+)
 from inference_worker.routing import ReplyPolicy, parse_request_topic
 from inference_worker.settings import BrokerSettings
 from inference_worker.transports.base import Delivery
@@ -285,7 +293,6 @@ def _decoded_size(req: Request) -> int:
     return sum(int(getattr(a, "nbytes", 0)) for a in req.inputs.values()) + 256
 
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _UNKNOWN = 1 << 62  # larger than any loop limit
 _JSON_WEIGHT = 8
 
@@ -295,10 +302,15 @@ def _declared_size(raw: bytes) -> int:
     frame whose content differs from it), a plain payload's own length (JSON's times
     `_JSON_WEIGHT`: parsing it and building arrays from lists costs several times what
     msgpack does per byte); `_UNKNOWN` for a zstd frame without a declared size. A
-    malformed header counts its own length: it fails at once."""
-    if raw[:1] == b"{":
+    payload of no codec, or a malformed zstd header, counts its own length: it fails at
+    once."""
+    try:
+        codec = detect_codec(raw)
+    except ProtocolError:
+        return len(raw)
+    if codec is Codec.JSON:
         return len(raw) * _JSON_WEIGHT
-    if raw[:4] != _ZSTD_MAGIC:
+    if codec is not Codec.ZSTD:
         return len(raw)
     try:
         size = zstandard.frame_content_size(raw)

@@ -101,7 +101,6 @@ from inference_worker.state.scriptcalls import (
     ScriptCalls,
     optional,
     packed,
-    unpack_flags,
     unpack_rows,
 )
 from inference_worker.state.scripts import SCRIPTS, script_source
@@ -265,7 +264,7 @@ class RedisStateStore:
             fields = packed([[items[i].token, items[i].response] for i in idx])
             return [*keys, shard.leases, shard.retry], [result_ttl_s, shard.req_prefix, fields]
 
-        rows = await self._calls.grouped("complete.lua", members, build, unpack=unpack_flags)
+        rows = await self._calls.grouped("complete.lua", members, build, unpack=bytes)
         return [x == ord("1") for x in rows]
 
     async def abandon(self, items: Sequence[Abandon]) -> list[bool]:

@@ -5,9 +5,9 @@ Every call maps redis-py's errors to the store's (`ErrorText`: an outage raises
 out through `direct.evalsha` (one pooled connection, no per-command wrapper); on a
 cluster through redis-py's cluster client, which routes it to its slot's node. The
 request-path scripts (claim, complete) carry their items as one msgpack argument
-(`packed`) and answer with one value (`unpack_rows`, `unpack_flags`): Redis's Lua reads
-and writes msgpack in C (cmsgpack), where hundreds of separate arguments and nested
-replies cost the worker ~10 us of Python per item.
+(`packed`) and answer with one value (`unpack_rows`; a completion's flags are one
+string): Redis's Lua reads and writes msgpack in C (cmsgpack), where hundreds of separate
+arguments and nested replies cost the worker ~10 us of Python per item.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ def unpack_rows(reply: bytes) -> list[Any]:
     return rows
 
 
-def unpack_flags(reply: bytes) -> bytes:
-    return reply
 
 
 class ScriptCalls:

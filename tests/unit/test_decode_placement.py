@@ -14,6 +14,7 @@ def test_a_plain_payload_counts_its_own_length() -> None:
 
 def test_json_counts_more_per_byte() -> None:
     assert _declared_size(b'{"id": "x"}') == 11 * _JSON_WEIGHT
+    assert _declared_size(b'  {"id": "x"}') == 13 * _JSON_WEIGHT  # as the codec detects it
 
 
 def test_a_zstd_frame_counts_the_content_size_it_declares() -> None:
