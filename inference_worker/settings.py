@@ -154,8 +154,9 @@ class WorkerSettings:
     claim_groups_in_flight: int = 1
     # The interpreter's thread switch interval (sys.setswitchinterval), for `run`: the
     # event loop gives up the GIL on every system call and may then wait this long behind
-    # a pool thread running Python (decode, encode). CPython's default is 5 ms; 0.5 halved
-    # the open-loop p50 here (benchmarks/RESULTS.md).
+    # a pool thread running Python (a large decode or encode). CPython's default is 5 ms;
+    # 0.5 halved the open-loop p50 while every decode ran in a thread; with small ones on
+    # the loop, 0.1 and 0.5 measured the same (benchmarks/RESULTS.md).
     switch_interval_ms: float = 0.5
     # Decode a claim group, and encode a batch's responses, on the event loop when it
     # holds at most this many bytes (declared decoded content / model output); larger
