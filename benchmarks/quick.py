@@ -1,8 +1,9 @@
 """One worker, one closed loop and one open loop, CPU per answer: a quick A/B probe.
 
-`python -m benchmarks.quick [ROUNDS] [RATE] [GIL_PROFILE]`: Mosquitto and Redis on free
-ports, digits, the worker from this checkout with `config/worker.yaml` (environment
-overrides apply, e.g. `IW_WORKER__CLAIM_GROUPS_IN_FLIGHT=2`); per round a fresh worker,
+`python -m benchmarks.quick [ROUNDS] [RATE] [GIL_PROFILE] [--src DIR ...]`: Mosquitto and
+Redis on free ports, digits, the worker from this checkout with `config/worker.yaml`
+(a copy of `config/worker.yaml` in an export is where a variant changes settings), or from each
+`--src` export in turn (rounds alternate between them, A B A B ...); per round a fresh worker,
 a 6 s closed loop at 128 outstanding (after 1 s warm-up) with the worker's CPU per answer
 from /proc, then a 4 s open loop at RATE req/s (default: half the closed-loop rate).
 GIL_PROFILE: a path for `py-spy record --gil` (500 Hz, raw) of the closed loop, which
@@ -27,9 +28,11 @@ from tests.servers import mosquitto_server, redis_server
 MODELS = Path(__file__).resolve().parent.parent / "config" / "models"
 
 
-def _round(mq_url: str, rd_url: str, tag: str, rate: float, profile: str | None) -> None:
+def _round(
+    mq_url: str, rd_url: str, tag: str, rate: float, profile: str | None, src: Path
+) -> None:
     topic = f"quick{tag}{int(time.time() * 1000) % 100000}"
-    worker = procs.start_worker(mq_url, rd_url, MODELS, topic)
+    worker = procs.start_worker(mq_url, rd_url, MODELS, topic, src=src)
     try:
         load = ("mqtt", mq_url, topic, MODELS, "digits")
         procs.run_load(*load, "closed", concurrency=128, duration=1, warmup=1)
@@ -58,12 +61,17 @@ def _round(mq_url: str, rd_url: str, tag: str, rate: float, profile: str | None)
 
 
 def main(argv: list[str]) -> int:
+    srcs = [Path(argv[i + 1]).resolve() for i, a in enumerate(argv) if a == "--src"]
+    argv = [a for i, a in enumerate(argv) if a != "--src" and (i == 0 or argv[i - 1] != "--src")]
     rounds = int(argv[0]) if argv else 1
     rate = float(argv[1]) if len(argv) > 1 else 0.0
     profile = argv[2] if len(argv) > 2 else None
+    srcs = srcs or [procs.REPO]
     with mosquitto_server() as mq, redis_server() as rd:
         for i in range(rounds):
-            _round(mq.url, rd.url, f"r{i}", rate, profile)
+            src = srcs[i % len(srcs)]
+            tag = f"r{i}" if len(srcs) == 1 else f"r{i}-{src.name}"
+            _round(mq.url, rd.url, tag, rate, profile, src)
     return 0
 
 

@@ -1,14 +1,17 @@
-"""Running a batch: the model call in the lane's pool, bounded in time, then the outbox.
+"""Running a batch: the model call, then the outbox.
 
-The responses are encoded on the loop when the outputs are small, in the pool when they
-are large (`worker.loop_codec_max_bytes`, see pipeline/compute.py).
+The call runs in the lane's pool, bounded in time, or — while the lane's recent calls were
+all tiny (`worker.loop_compute_max_ms`, pipeline/placement.py) — on the event loop, where
+two thread hand-offs would cost more than the call. The responses are encoded on the
+loop when the outputs are small, in the pool when they are large
+(`worker.loop_codec_max_bytes`, see pipeline/compute.py).
 
 A model call that raises does not fail its batch: the batch is split and re-run within
 the same attempt until the requests that fail alone are found (`pipeline.poison`);
 everything else is answered at once, and only those take the retry path. The extra
 calls are counted in `iw_isolation_calls_total`, the culprits in `iw_isolated_total`.
 
-The model call is awaited with `worker.compute_timeout_s`: a call that has not returned
+A pool call is awaited with `worker.compute_timeout_s`: a call that has not returned
 by then counts as a failed attempt of every job in it that is not answered yet (retried
 with backoff, or `exhausted`), and is counted in `iw_compute_timeouts_total`; its pool
 thread cannot be interrupted and finishes on its own, so a timeout is never split.
@@ -27,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from inference_worker.metrics import Metrics, WorkerStats
-from inference_worker.pipeline.compute import BatchComputer, Computed
+from inference_worker.pipeline.compute import BatchComputer, Computed, Inferred
 from inference_worker.pipeline.jobs import Job
 from inference_worker.pipeline.outbox import Outbox
 from inference_worker.pipeline.poison import Failed, isolate
@@ -129,11 +132,18 @@ class Batches:
         await self._outbox.complete(jobs, payloads, code.value)
 
     async def _call(self, lane: Lane, jobs: list[Job]) -> Computed | Failed:
-        """The model call in the lane's pool; a failure is returned, not handled."""
+        """The model call, on the loop or in the lane's pool (`lane.placement`); a
+        failure is returned, not handled."""
         dispatched = self._clock()
         try:
-            computed = await asyncio.wait_for(self._compute(lane, jobs, dispatched), self._timeout)
+            if lane.placement.on_loop():
+                computed = await self._compute_here(lane, jobs, dispatched)
+            else:
+                computed = await asyncio.wait_for(
+                    self._compute_in_pool(lane, jobs, dispatched), self._timeout
+                )
         except TimeoutError:
+            lane.placement.observe(self._timeout)
             self._metrics.compute_timeouts.labels(lane.name).inc()
             log.error(
                 "model call timed out",
@@ -158,13 +168,26 @@ class Batches:
             observe.queue_seconds.observe(dispatched - job.received_at)
         return computed
 
-    async def _compute(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
+    async def _compute_here(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
+        """A call known to be tiny, on the loop: no thread hand-off for it."""
+        inferred = self.computer.infer(lane.served, jobs)
+        lane.placement.observe(inferred.compute_s)
+        return await self._encoded(lane, jobs, inferred, dispatched)
+
+    async def _compute_in_pool(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
         loop = asyncio.get_running_loop()
+        inferred = await loop.run_in_executor(lane.executor, self.computer.infer, lane.served, jobs)
+        lane.placement.observe(inferred.compute_s)
+        return await self._encoded(lane, jobs, inferred, dispatched)
+
+    async def _encoded(
+        self, lane: Lane, jobs: list[Job], inferred: Inferred, dispatched: float
+    ) -> Computed:
+        """Small outputs encoded here (no suspension), large ones in the pool."""
         computer, served = self.computer, lane.served
-        inferred = await loop.run_in_executor(lane.executor, computer.infer, served, jobs)
         if inferred.nbytes <= self._loop_max:
             return computer.encode(served, jobs, inferred, dispatched)
-        return await loop.run_in_executor(
+        return await asyncio.get_running_loop().run_in_executor(
             lane.executor, computer.encode, served, jobs, inferred, dispatched
         )
 

@@ -29,6 +29,7 @@ from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
 from inference_worker.pipeline.jobs import Job
 from inference_worker.pipeline.observe import LaneMetrics
+from inference_worker.pipeline.placement import CallPlacement
 from inference_worker.protocol.envelope import PRIORITY_DEFAULT
 from inference_worker.serving import ModelHost, ServedModel
 from inference_worker.settings import ModelsSettings
@@ -49,10 +50,12 @@ class Lane:
         *,
         clock: Callable[[], float],
         weight_of: Callable[[str], int],
+        placement: CallPlacement,
     ) -> None:
         cfg = served.config
         self.served = served
         self.observe = observe
+        self.placement = placement  # where this version's model calls run
         self.executor = ThreadPoolExecutor(cfg.instances, thread_name_prefix=f"iw-{cfg.name}")
         self._handle_batch = handle_batch
         self._handle_expired = handle_expired
@@ -164,8 +167,10 @@ class LaneSet:
         drain_timeout_s: float,
         clock: Callable[[], float],
         weights: Mapping[str, int],
+        loop_compute_max_s: float,
     ) -> None:
         self._metrics = metrics
+        self._loop_compute_max_s = loop_compute_max_s
         self._handle_batch = handle_batch
         self._handle_expired = handle_expired
         self._orphaned = orphaned
@@ -190,6 +195,7 @@ class LaneSet:
             self._handle_expired,
             clock=self._clock,
             weight_of=lambda app: self._weights.get(app, 1),
+            placement=CallPlacement(self._loop_compute_max_s),
         )
 
     async def _retire(self, lane: Lane) -> None:

@@ -112,6 +112,7 @@ class Worker:
             drain_timeout_s=s.worker.drain_timeout_s,
             clock=parts.clock,
             weights=parts.weights,
+            loop_compute_max_s=s.worker.loop_compute_max_ms / 1000.0,
         )
         # One decode thread for the groups too large to decode on the loop (admission.py):
         # one group at a time bounds what is being expanded at once, and the loop keeps
