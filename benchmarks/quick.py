@@ -2,7 +2,7 @@
 
 `python -m benchmarks.quick [ROUNDS] [RATE] [GIL_PROFILE] [--src DIR ...]`: Mosquitto and
 Redis on free ports, digits, the worker from this checkout with `config/worker.yaml`
-(a copy of `config/worker.yaml` in an export is where a variant changes settings), or from each
+(an export's `config/` is where a variant changes settings), or from each
 `--src` export in turn (rounds alternate between them, A B A B ...); per round a fresh worker,
 a 6 s closed loop at 128 outstanding (after 1 s warm-up) with the worker's CPU per answer
 from /proc, then a 4 s open loop at RATE req/s (default: half the closed-loop rate).
@@ -25,16 +25,15 @@ from benchmarks.cpu import CpuMeter
 from benchmarks.profiling import py_spy
 from tests.servers import mosquitto_server, redis_server
 
-MODELS = Path(__file__).resolve().parent.parent / "config" / "models"
-
 
 def _round(
     mq_url: str, rd_url: str, tag: str, rate: float, profile: str | None, src: Path
 ) -> None:
     topic = f"quick{tag}{int(time.time() * 1000) % 100000}"
-    worker = procs.start_worker(mq_url, rd_url, MODELS, topic, src=src)
+    models = src / "config" / "models"  # an export's own model settings
+    worker = procs.start_worker(mq_url, rd_url, models, topic, src=src)
     try:
-        load = ("mqtt", mq_url, topic, MODELS, "digits")
+        load = ("mqtt", mq_url, topic, models, "digits")
         procs.run_load(*load, "closed", concurrency=128, duration=1, warmup=1)
         spy = None
         spy_bin = py_spy()
