@@ -1,0 +1,67 @@
+"""Where a worker runs its model calls (pipeline/placement.py), seen from the runner:
+the first calls of a version in the lane's pool, then — digits computes in well under
+`worker.loop_compute_max_ms` — on the event loop; never on the loop when it is 0."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from inference_worker.runtimes.base import Runner, TensorSpec
+from tests.unit.test_worker_memory import _digits, _settings, pipeline
+
+
+class Recording:
+    """The real runner, noting the thread each call ran on."""
+
+    def __init__(self, inner: Runner) -> None:
+        self.inner = inner
+        self.threads: list[str] = []
+
+    @property
+    def inputs(self) -> Mapping[str, TensorSpec]:
+        return self.inner.inputs
+
+    @property
+    def outputs(self) -> Mapping[str, TensorSpec]:
+        return self.inner.outputs
+
+    @property
+    def device(self) -> str:
+        return self.inner.device
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        return self.inner.run(inputs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+async def _calls_one_by_one(settings_overrides: dict[str, object], n: int) -> list[str]:
+    x, _ = _digits()
+    async with pipeline(_settings(worker=settings_overrides)) as (_, client, runner, _):
+        recording = Recording(runner.inner)
+        runner.inner = recording
+        for i in range(n):  # one at a time: one model call each
+            row = x[i : i + 1]
+            reply = await client.send(client.make_request("digits", {"pixels": row}))
+            assert reply.response.outputs is not None, reply.response
+            expected = recording.inner.run({"pixels": row})["label"]  # the same model, directly
+            assert np.array_equal(reply.response.outputs["label"], expected)
+    return recording.threads
+
+
+async def test_tiny_calls_move_from_the_pool_to_the_loop() -> None:
+    threads = await _calls_one_by_one({}, 40)
+    main = threading.main_thread().name
+    assert len(threads) == 40
+    assert all(t != main for t in threads[:16]), threads[:16]  # learning: in the pool
+    assert all(t == main for t in threads[20:]), threads[20:]  # then on the loop
+
+
+async def test_zero_keeps_every_call_in_the_pool() -> None:
+    threads = await _calls_one_by_one({"loop_compute_max_ms": 0}, 30)
+    assert threads and all(t.startswith("iw-digits") for t in threads), threads
