@@ -17,7 +17,7 @@ never computed; one that would miss it inside the batch being formed is too.
 
 All timing goes through the injected ``clock`` and ``sleep`` so that tests can drive time
 by hand. The dispatcher never polls: it waits on a wakeup event (submit, slot freed,
-drain) raced against ``sleep(time until the next item is due)``.
+drain), which one timer task also sets when the next item is due.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class DynamicBatcher(Generic[T, R]):
         self._not_full = asyncio.Event()  # room in the queue (or closed)
         self._not_full.set()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.Future[None] | None = None  # wakes the dispatcher (`_arm`)
+        self._timer_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()  # running handler / on_expired calls
 
     # ---- intake -----------------------------------------------------------------------
@@ -187,6 +189,12 @@ class DynamicBatcher(Generic[T, R]):
     # ---- dispatch ---------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
+        try:
+            await self._dispatching()
+        finally:
+            self._disarm()
+
+    async def _dispatching(self) -> None:
         while True:
             self._wakeup.clear()  # cleared before looking, so no set() is ever missed
             self._queue.drop_cancelled()  # callers who gave up must not hold the timer
@@ -204,10 +212,11 @@ class DynamicBatcher(Generic[T, R]):
                 hopeless -= self.cost.mean(1)
             if self._busy_slots >= self._max_concurrent:
                 # Accumulate: the next batch will be bigger. Wake for what expires meanwhile.
-                if hopeless is None or hopeless <= now:
-                    await self._wakeup.wait()
-                elif await self._wait_any(self._sleep(hopeless - now), self._wakeup.wait()):
-                    # Woken by the timer: the moment it cannot finish alone any more.
+                if hopeless is not None and hopeless > now:
+                    self._arm(hopeless)
+                await self._wakeup.wait()
+                if hopeless is not None and hopeless > now and self._clock() >= hopeless:
+                    # The moment it cannot finish alone any more.
                     self._expire(self._clock(), inclusive=True)
                 continue
             origin = self.policy.origin(head.enqueued_at, head.arrived_at)
@@ -221,7 +230,30 @@ class DynamicBatcher(Generic[T, R]):
             if size_ready or self._closed or now >= due:
                 self._dispatch(limit)
                 continue
-            await self._wait_any(self._sleep(due - now), self._wakeup.wait())
+            self._arm(due)
+            await self._wakeup.wait()
+
+    def _arm(self, at: float) -> None:
+        """Wake the dispatcher at `at` (by the injected clock and sleep). One timer task
+        at a time, kept while the moment it wakes for stays the earliest needed: a new
+        item behind the same head changes nothing, so it costs no task. A timer that
+        rings for a moment no longer needed only makes the dispatcher look again."""
+        timer = self._timer
+        if timer is not None and not timer.done():
+            if self._timer_at <= at:
+                return
+            timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.ensure_future(self._ring(at - self._clock()))
+
+    async def _ring(self, delay: float) -> None:
+        await self._sleep(delay)
+        self._wakeup.set()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _expire(self, now: float, *, inclusive: bool = False) -> None:
         """Items that cannot finish by their deadline even alone: answered, not computed."""

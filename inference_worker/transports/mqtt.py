@@ -188,7 +188,8 @@ class MqttTransport:
             await future
 
     async def publish_many(self, messages: Sequence[Outgoing]) -> list[BaseException | None]:
-        """Queue one PUBLISH per message, then wait once for all PUBACKs."""
+        """Queue one PUBLISH per message, write them at once (not a loop pass later: the
+        answers leave now), then wait once for all PUBACKs."""
         results: list[BaseException | None] = [None] * len(messages)
         waiting: list[tuple[int, asyncio.Future[None]]] = []
         for i, message in enumerate(messages):
@@ -199,6 +200,7 @@ class MqttTransport:
                 continue
             if future is not None:
                 waiting.append((i, future))
+        self._conn.flush()
         if waiting:
             outcomes = await asyncio.gather(*(f for _, f in waiting), return_exceptions=True)
             for (i, _), outcome in zip(waiting, outcomes, strict=True):
@@ -207,9 +209,10 @@ class MqttTransport:
         return results
 
     def ack_many(self, deliveries: Iterable[Delivery]) -> None:
-        """Ack each (PUBACKs queued now, written together at the end of this loop pass)."""
+        """Ack each: the PUBACKs are written together, now."""
         for delivery in deliveries:
             delivery.ack()
+        self._conn.flush()
 
     def pause(self) -> None:
         """Stop yielding deliveries; the broker stops at receive_maximum unacked."""

@@ -131,6 +131,12 @@ class Connection:
         link.send(packet)
         return True
 
+    def flush(self) -> None:
+        """Write what is queued now instead of at the end of this loop pass (a group of
+        publishes or acks is complete: waiting a pass would only delay it)."""
+        if self._link is not None:
+            self._link.flush()
+
     def drop(self) -> None:
         """Cut the current link now (no DISCONNECT); the task reconnects."""
         if self._link is not None:

@@ -1,7 +1,8 @@
 """One TCP/TLS connection to the MQTT broker: asyncio's protocol side of `Connection`.
 
 Reads are parsed whole (`mqtt_packets.Reader`) and each packet handed to the connection;
-packets queued in one pass of the loop are written with one `write()` at its end. A
+packets queued in one pass of the loop are written with one `write()` at its end, or at
+once by `flush()` (a group of publishes or acks that is complete). A
 malformed packet from the broker drops this link only; an exception from a packet
 callback (a bug) ends the connection task with it (`Connection.crashed`).
 """
@@ -65,10 +66,10 @@ class Link(asyncio.Protocol):
         if self._transport is None:
             return
         if not self._out:
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         self._out.append(packet)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         transport = self._transport
         if self._out and transport is not None and not transport.is_closing():
             transport.write(b"".join(self._out))
@@ -77,7 +78,7 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         """Write what is queued, then close."""
-        self._flush()
+        self.flush()
         if self._transport is not None:
             self._transport.close()
 
