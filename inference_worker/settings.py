@@ -163,10 +163,11 @@ class WorkerSettings:
     # ones in threads. A thread hand-off costs more than small work (pipeline/admission.py,
     # pipeline/batches.py). 0: always in threads.
     loop_codec_max_bytes: int = 256 * 1024
-    # Run a model call on the event loop while the lane's last 64 calls each took at most
-    # this long (the model call alone; the first 16 always run in the pool). Two thread
-    # hand-offs cost more than a 0.3 ms model (pipeline/placement.py). A call on the loop
-    # cannot be timed out: 0 keeps every call in the pool (for a model that may hang).
+    # Run a model call on the event loop while at most 1 in 10 of the lane's last 64
+    # calls took longer than this, none 10 times longer (the model call alone; the
+    # first 16 always run in the pool). Two thread hand-offs cost more than a 0.3 ms
+    # model (pipeline/placement.py). A call on the loop cannot be timed out: 0 keeps
+    # every call in the pool (for a model that may hang).
     loop_compute_max_ms: float = 1.0
     intake_buffer: int = 512
     # Byte budget for requests between receipt and their answer (wire bytes while

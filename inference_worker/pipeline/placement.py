@@ -4,9 +4,12 @@ the lane's pool otherwise.
 A call in the pool costs two thread hand-offs (the loop's wake-up and a `wait_for` task
 each way) and makes the pool thread compete with the loop for the GIL: for a model that
 computes in 0.1-0.3 ms that is several times the call itself (benchmarks/RESULTS.md).
-So a lane runs a call on the loop when every one of its last `window` calls took at most
-`max_s` (the model call alone, as `compute.infer` times it) and it has seen at least
-`learn` of them; the first calls of a new version always run in the pool.
+So a lane runs a call on the loop when, of its last `window` calls (the model call alone,
+as `compute.infer` times it; at least `learn` of them seen — the first calls of a new
+version always run in the pool), at most one in ten took longer than `max_s` and none
+took longer than ten times that. A rare slow call (the host preempted the thread, or a
+pool call waited for the GIL on its way back) does not send the lane back to the pool;
+a model that is often slow, or once very slow, goes back at once.
 
 What a call on the loop gives up: it cannot be timed out (`worker.compute_timeout_s`
 applies to pool calls only). A call that turns slow is seen when it returns and sends the
@@ -21,25 +24,39 @@ from __future__ import annotations
 
 from collections import deque
 
+FAR = 10.0  # a call this many times `max_s`: back to the pool for a whole window
+
 
 class CallPlacement:
     """Per lane; event-loop thread only."""
 
     def __init__(self, max_s: float, *, learn: int = 16, window: int = 64) -> None:
         self._max_s = max_s
+        self._far_s = max_s * FAR
         self._learn = learn
+        self._allowed = window // 10  # slow calls tolerated in a window
         self._recent: deque[float] = deque(maxlen=window)
-        self._slowest = 0.0  # of `_recent`, kept so that `on_loop` costs no scan
+        self._slow = 0  # calls in `_recent` over `max_s`
+        self._far = 0  # ... over `FAR` times it
 
     def on_loop(self) -> bool:
-        return self._max_s > 0 and len(self._recent) >= self._learn and self._slowest <= self._max_s
+        return (
+            self._max_s > 0
+            and len(self._recent) >= self._learn
+            and self._slow <= self._allowed
+            and not self._far
+        )
 
     def observe(self, seconds: float) -> None:
         """A call's duration (a timed-out call counts as its timeout)."""
         recent = self._recent
-        leaving = recent[0] if len(recent) == recent.maxlen else None
+        if len(recent) == recent.maxlen:
+            self._count(recent[0], -1)
         recent.append(seconds)
-        if seconds >= self._slowest:
-            self._slowest = seconds
-        elif leaving is not None and leaving >= self._slowest:
-            self._slowest = max(recent)
+        self._count(seconds, 1)
+
+    def _count(self, seconds: float, delta: int) -> None:
+        if seconds > self._max_s:
+            self._slow += delta
+            if seconds > self._far_s:
+                self._far += delta

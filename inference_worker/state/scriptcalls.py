@@ -2,7 +2,7 @@
 
 Every call maps redis-py's errors to the store's (`ErrorText`: an outage raises
 `StateUnavailable`, any other error reply `StateFailed`). On a single Redis a call goes
-out through `direct.evalsha` (one pooled connection, no per-command wrapper); on a
+out through `direct.DirectScripts` (kept connections, no per-command wrapper); on a
 cluster through redis-py's cluster client, which routes it to its slot's node. The
 request-path scripts (claim, complete) carry their items as one msgpack argument
 (`packed`) and answer with one value (`unpack_rows`; a completion's flags are one
@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from inference_worker.state.base import StateUnavailable
-from inference_worker.state.direct import evalsha
+from inference_worker.state.direct import DirectScripts
 from inference_worker.state.errors import ErrorText
 from inference_worker.state.layout import KeyLayout, Shard
 
@@ -48,8 +48,6 @@ def unpack_rows(reply: bytes) -> list[Any]:
     return rows
 
 
-
-
 class ScriptCalls:
     """The store's script calls, bound to its client once it has started."""
 
@@ -57,13 +55,15 @@ class ScriptCalls:
         self.layout = layout
         self._errors = errors
         self._client: aioredis.Redis | RedisCluster | None = None
+        self._direct: DirectScripts | None = None  # a single Redis's calls
         self._scripts: dict[str, AsyncScript] = {}
 
     def bind(self, client: aioredis.Redis | RedisCluster, scripts: dict[str, AsyncScript]) -> None:
         self._client, self._scripts = client, scripts
+        self._direct = None if isinstance(client, RedisCluster) else DirectScripts(client)
 
     def unbind(self) -> None:
-        self._client, self._scripts = None, {}
+        self._client, self._direct, self._scripts = None, None, {}
 
     async def run(
         self,
@@ -77,10 +77,10 @@ class ScriptCalls:
             raise RuntimeError("RedisStateStore used before start()")
         script = self._scripts[name]
         try:
-            if isinstance(client, RedisCluster):
+            if self._direct is None:
                 result = await script(keys=keys, args=args)
             else:
-                result = await evalsha(client, script, keys, args)
+                result = await self._direct.evalsha(script, keys, args)
         except Exception as exc:
             error = self._errors.in_call(exc)
             if error is None:

@@ -300,6 +300,26 @@ async def test_redis_restart_reconnects_and_reloads_scripts(redis: Server) -> No
         await store.close()
 
 
+async def test_script_calls_keep_their_connection_and_survive_it_being_killed(
+    redis: Server,
+) -> None:
+    """state/direct.py: a call keeps its connection for the next one (no pool borrow,
+    no new connection), and a kept connection that the server closed is replaced by a
+    fresh one within the same call."""
+    store = await redis_store(redis)
+    try:
+        assert (await claim1(store, req("warm"))).outcome is ClaimOutcome.NEW
+        opened = int((await store.client.info("stats"))["total_connections_received"])
+        for i in range(20):
+            assert (await claim1(store, req(f"seq{i}"))).outcome is ClaimOutcome.NEW
+        after = int((await store.client.info("stats"))["total_connections_received"])
+        assert after == opened, "sequential script calls opened new connections"
+        await store.client.client_kill_filter(_type="normal", skipme=True)
+        assert (await claim1(store, req("after-kill"))).outcome is ClaimOutcome.NEW
+    finally:
+        await store.close()
+
+
 async def test_unreachable_redis_fails_clearly_without_password() -> None:
     url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
     store = RedisStateStore(url)
