@@ -174,8 +174,10 @@ class WorkerSettings:
     # waiting for decode, decoded tensor bytes once admitted). Over it, intake waits and
     # the broker holds the rest; one request may overshoot it by its own size.
     inflight_max_bytes: int = 128 * 1024 * 1024
-    # A model call that has not returned by then counts as a failed attempt (retried or
-    # `exhausted`); its pool thread is left to finish on its own.
+    # A model call in the pool that has not returned by then counts as a failed attempt
+    # (retried or `exhausted`); its pool thread is left to finish on its own. Calls on
+    # the loop (`loop_compute_max_ms`) are not timed; take-overs and retries always run
+    # in the pool.
     compute_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
     response_codec: str = "request"

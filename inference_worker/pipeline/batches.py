@@ -18,15 +18,16 @@ thread cannot be interrupted and finishes on its own, so a timeout is never spli
 
 Storing and publishing run in the background (bounded by `_completing`), so the batcher's
 slot is free for the next batch as soon as the model is done: otherwise the model would
-idle through two network round trips per batch. Take-overs run alone and wait for their
-completion (`run_alone`).
+idle through two network round trips per batch. Take-overs and due retries run alone,
+always in the pool with the timeout (they are the requests suspected of crashing or
+hanging a call), and wait for their completion (`run_alone`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from inference_worker.metrics import Metrics, WorkerStats
@@ -101,8 +102,10 @@ class Batches:
             await self.recovery.retry_later(failed, reason)
 
     async def run_alone(self, job: Job) -> None:
-        """A take-over: compute and complete before returning."""
-        outcome = await self._call(job.lane, [job])
+        """A take-over or a due retry: compute (always in the pool, bounded by
+        `compute_timeout_s`: these are the requests suspected of crashing or hanging a
+        call) and complete before returning."""
+        outcome = await self._call_in_pool(job.lane, [job])
         if isinstance(outcome, Computed):
             await self._outbox.complete([job], outcome.payloads, "ok")
             return
@@ -132,16 +135,24 @@ class Batches:
         await self._outbox.complete(jobs, payloads, code.value)
 
     async def _call(self, lane: Lane, jobs: list[Job]) -> Computed | Failed:
-        """The model call, on the loop or in the lane's pool (`lane.placement`); a
-        failure is returned, not handled."""
+        """A batch's model call, on the loop or in the lane's pool (`lane.placement`)."""
+        if lane.placement.on_loop():
+            return await self._attempt_call(lane, jobs, self._compute_here)
+        return await self._attempt_call(lane, jobs, self._compute_timed)
+
+    async def _call_in_pool(self, lane: Lane, jobs: list[Job]) -> Computed | Failed:
+        return await self._attempt_call(lane, jobs, self._compute_timed)
+
+    async def _attempt_call(
+        self,
+        lane: Lane,
+        jobs: list[Job],
+        compute: Callable[[Lane, list[Job], float], Awaitable[Computed]],
+    ) -> Computed | Failed:
+        """Run `compute`; a failure is returned, not handled."""
         dispatched = self._clock()
         try:
-            if lane.placement.on_loop():
-                computed = await self._compute_here(lane, jobs, dispatched)
-            else:
-                computed = await asyncio.wait_for(
-                    self._compute_in_pool(lane, jobs, dispatched), self._timeout
-                )
+            computed = await compute(lane, jobs, dispatched)
         except TimeoutError:
             lane.placement.observe(self._timeout)
             self._metrics.compute_timeouts.labels(lane.name).inc()
@@ -151,6 +162,7 @@ class Batches:
             )
             return Failed(f"model call exceeded {self._timeout}s", splittable=False)
         except Exception as exc:
+            lane.placement.observe(self._clock() - dispatched)  # a slow failure is slow
             log.warning(
                 "inference failed",
                 extra={"model": lane.name, "batch": len(jobs), "error": f"{exc!r}"[:500]},
@@ -173,6 +185,9 @@ class Batches:
         inferred = self.computer.infer(lane.served, jobs)
         lane.placement.observe(inferred.compute_s)
         return await self._encoded(lane, jobs, inferred, dispatched)
+
+    async def _compute_timed(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
+        return await asyncio.wait_for(self._compute_in_pool(lane, jobs, dispatched), self._timeout)
 
     async def _compute_in_pool(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
         loop = asyncio.get_running_loop()

@@ -16,8 +16,15 @@ applies to pool calls only). A call that turns slow is seen when it returns and 
 next `window` calls back to the pool; a call that never returns stops the loop, which
 the worker's liveness probe (`/healthz` is served by the same loop) then reports, and
 the request's lease expires so another worker takes it over (and, after
-`state.max_attempts`, gives it up). Set `worker.loop_compute_max_ms: 0` to keep every
+`state.max_attempts`, gives it up). Take-overs and due retries never run on the loop
+(`Batches.run_alone`): they are the requests suspected of hanging a call. A call that
+raises counts with the time it took. Set `worker.loop_compute_max_ms: 0` to keep every
 call in the pool when a model may hang.
+
+The window does not tell batch sizes apart: a lane that learned on small batches at
+light load runs the first large batch of a burst on the loop, and only its return sends
+the lane back to the pool if it was slow. For the models this is meant for (digits: 0.14
+ms for a batch of 64) the difference is within the limit.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ class CallPlacement:
         self._max_s = max_s
         self._far_s = max_s * FAR
         self._learn = learn
-        self._allowed = window // 10  # slow calls tolerated in a window
         self._recent: deque[float] = deque(maxlen=window)
         self._slow = 0  # calls in `_recent` over `max_s`
         self._far = 0  # ... over `FAR` times it
@@ -43,7 +49,7 @@ class CallPlacement:
         return (
             self._max_s > 0
             and len(self._recent) >= self._learn
-            and self._slow <= self._allowed
+            and self._slow * 10 <= len(self._recent)  # at most 1 in 10 of those seen
             and not self._far
         )
 

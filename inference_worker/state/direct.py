@@ -9,9 +9,10 @@ between calls), sends, reads, and keeps it again; everything else stays the call
 (RedisStateStore maps errors; StateCalls retries outages with backoff, every call being
 replay-safe).
 
-A connection is closed, not kept or pooled again, when a call on it ends other than with a
-complete reply (a connection error, a timeout, a cancellation): a reply left half read
-would be read by the next call. An error reply (`ResponseError`) is a complete reply.
+A connection is closed (and handed back to the pool closed, so that the pool does not
+count it in use), not kept, when a call on it ends other than with a complete reply (a
+connection error, a timeout, a cancellation): a reply left half read would be read by
+the next call. An error reply (`ResponseError`) is a complete reply.
 A connection error is tried once more on a fresh connection before it is raised, as
 redis-py's own retry would: a pooled connection that died while idle (Redis restarted)
 is not an outage (a connect that fails is not retried here: the pool already tried it).
@@ -97,7 +98,9 @@ class DirectScripts:
 async def _drop(conn: Any, pool: Any) -> None:
     """Close without waiting on the peer, then hand it back to the pool (which counts it
     in use until then); a failure to close must not hide the error."""
-    with contextlib.suppress(Exception):
-        await conn.disconnect(nowait=True)
-    with contextlib.suppress(Exception):
-        await pool.release(conn)
+    try:
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+    finally:  # also when cancelled meanwhile: the pool must not count it in use for ever
+        with contextlib.suppress(Exception):
+            await pool.release(conn)

@@ -16,7 +16,7 @@ def test_the_first_calls_run_in_the_pool_then_tiny_ones_on_the_loop() -> None:
 
 
 def test_a_rare_slow_call_is_tolerated_a_frequent_one_is_not() -> None:
-    placement = CallPlacement(0.001, learn=2, window=20)  # two slow calls tolerated
+    placement = CallPlacement(0.001, learn=2, window=20)  # 1 in 10: two of twenty
     for _ in range(20):
         placement.observe(0.0002)
     placement.observe(0.002)
@@ -57,3 +57,15 @@ def test_a_timed_out_call_counts_as_slow() -> None:
     assert placement.on_loop()
     placement.observe(60.0)
     assert not placement.on_loop()
+
+
+def test_the_tolerance_is_one_in_ten_of_the_calls_seen_so_far() -> None:
+    placement = CallPlacement(0.001, learn=16, window=64)
+    for _ in range(6):
+        placement.observe(0.005)  # slow, but under ten times the limit
+    for _ in range(10):
+        placement.observe(0.0002)
+    assert not placement.on_loop()  # 6 of 16 seen: far more than 1 in 10
+    for _ in range(44):
+        placement.observe(0.0002)
+    assert placement.on_loop()  # 6 of 60

@@ -65,3 +65,21 @@ async def test_tiny_calls_move_from_the_pool_to_the_loop() -> None:
 async def test_zero_keeps_every_call_in_the_pool() -> None:
     threads = await _calls_one_by_one({"loop_compute_max_ms": 0}, 30)
     assert threads and all(t.startswith("iw-digits") for t in threads), threads
+
+
+async def test_a_retry_runs_in_the_pool_even_when_the_lane_runs_on_the_loop() -> None:
+    """A request that failed a call (or hung one) is re-run in the pool, bounded by
+    compute_timeout_s, never on the loop."""
+    x, _ = _digits()
+    fast = {"state": {"retry_base_ms": 10, "reap_interval_s": 0.02}}
+    async with pipeline(_settings(**fast)) as (worker, client, runner, _):
+        recording = Recording(runner.inner)
+        runner.inner = recording
+        for i in range(24):
+            await client.send(client.make_request("digits", {"pixels": x[i : i + 1]}))
+        assert recording.threads[-1] == threading.main_thread().name  # on the loop now
+        runner.fail_next = 1  # the next call raises (before reaching the model)
+        reply = await client.send(client.make_request("digits", {"pixels": x[30:31]}, id="r"))
+    assert reply.response.status == "ok"
+    assert worker.stats.retries == 1
+    assert recording.threads[-1].startswith("iw-digits"), recording.threads[-3:]
