@@ -9,35 +9,20 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from inference_worker.runtimes.base import Runner, TensorSpec
-from tests.unit.test_worker_memory import _digits, _settings, pipeline
+from inference_worker.runtimes.base import Runner
+from tests.unit.test_worker_memory import FlakyRunner, _digits, _settings, pipeline
 
 
-class Recording:
+class Recording(FlakyRunner):
     """The real runner, noting the thread each call ran on."""
 
     def __init__(self, inner: Runner) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.threads: list[str] = []
-
-    @property
-    def inputs(self) -> Mapping[str, TensorSpec]:
-        return self.inner.inputs
-
-    @property
-    def outputs(self) -> Mapping[str, TensorSpec]:
-        return self.inner.outputs
-
-    @property
-    def device(self) -> str:
-        return self.inner.device
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.threads.append(threading.current_thread().name)
-        return self.inner.run(inputs)
-
-    def close(self) -> None:
-        self.inner.close()
+        return super().run(inputs)
 
 
 async def _calls_one_by_one(settings_overrides: dict[str, object], n: int) -> list[str]:
