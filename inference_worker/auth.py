@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from inference_worker.cancelling import raise_if_cancelled
 from inference_worker.state.base import StateFailed, StateUnavailable
 
 _PREFIX = "iwk_"
@@ -98,6 +99,7 @@ class RedisKeyStore:
             raise StateUnavailable(f"API key lookup: {exc}") from None
         except ResponseError as exc:
             raise StateFailed(f"API key lookup: {exc}") from None
+        raise_if_cancelled()  # redis-py may have swallowed this task's cancel
         return {k: _decode(k, row) for k, row in zip(key_ids, rows, strict=True) if row}
 
     async def create(self, app: str) -> str:

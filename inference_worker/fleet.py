@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from inference_worker.cancelling import raise_if_cancelled
 from inference_worker.metrics import Metrics
 
 log = logging.getLogger("inference_worker.fleet")
@@ -181,6 +182,7 @@ class Heartbeat:
             pipe.hset(self.key, mapping=self.sample())  # type: ignore[arg-type]
             pipe.pexpire(self.key, ttl_ms)
             await pipe.execute()
+        raise_if_cancelled()  # redis-py may have swallowed this task's cancel
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat now and every interval; beat at once when drain starts (state=draining)."""

@@ -41,7 +41,7 @@ _GRAPH_LEVELS = {
 }
 # ONNX Runtime's type strings for the dtypes a model config may declare.
 _ORT_TYPES: Mapping[str, str] = {
-    f"tensor({ {'float32': 'float', 'float64': 'double'}.get(n, n)})": n for n in DTYPE_NAMES
+    f"tensor({ {'float32': 'float', 'float64': 'double'}.get(n, n) })": n for n in DTYPE_NAMES
 }
 # ORT's own default for its process-wide logger (kWARNING); see _quiet_default_logger.
 _ORT_DEFAULT_SEVERITY = 2

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
+from inference_worker.cancelling import raise_if_cancelled
 from inference_worker.journal import JournalEntry
 from inference_worker.state.base import StateFailed, StateUnavailable
 from inference_worker.state.connect import OUTAGE
@@ -210,6 +211,7 @@ class RedisDeadLetters:
             results = await pipe.execute()
         except RedisError as exc:
             raise _translate(exc) from exc
+        raise_if_cancelled()  # redis-py may have swallowed this task's cancel
         return int(results[-1])
 
     async def length(self) -> int:

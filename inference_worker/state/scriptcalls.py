@@ -7,7 +7,9 @@ cluster through redis-py's cluster client, which routes it to its slot's node. T
 request-path scripts (claim, complete) carry their items as one msgpack argument
 (`packed`) and answer with one value (`unpack_rows`; a completion's flags are one
 string): Redis's Lua reads and writes msgpack in C (cmsgpack), where hundreds of separate
-arguments and nested replies cost the worker ~10 us of Python per item.
+arguments and nested replies cost the worker ~10 us of Python per item. A call that
+returns checks that its task was not cancelled meanwhile (`cancelling`: redis-py can
+swallow a cancel while it reads a reply).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+from inference_worker.cancelling import raise_if_cancelled
 from inference_worker.state.base import StateUnavailable
 from inference_worker.state.direct import DirectScripts
 from inference_worker.state.errors import ErrorText
@@ -86,6 +89,7 @@ class ScriptCalls:
             if error is None:
                 raise
             raise error from exc if type(error) is StateUnavailable else None
+        raise_if_cancelled()  # redis-py may have swallowed this task's cancel
         return unpack(result)
 
     async def run_each(
