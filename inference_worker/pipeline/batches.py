@@ -168,6 +168,7 @@ class Batches:
                 extra={"model": lane.name, "batch": len(jobs), "error": f"{exc!r}"[:500]},
             )
             return Failed(f"inference failed: {type(exc).__name__}: {exc}")
+        lane.placement.observe(computed.compute_s)  # once per call, as the failures are
         stats = self._stats
         stats.batches += 1
         stats.batch_sizes[len(jobs)] += 1
@@ -183,7 +184,6 @@ class Batches:
     async def _compute_here(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
         """A call known to be tiny, on the loop: no thread hand-off for it."""
         inferred = self.computer.infer(lane.served, jobs)
-        lane.placement.observe(inferred.compute_s)
         return await self._encoded(lane, jobs, inferred, dispatched)
 
     async def _compute_timed(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
@@ -192,7 +192,6 @@ class Batches:
     async def _compute_in_pool(self, lane: Lane, jobs: list[Job], dispatched: float) -> Computed:
         loop = asyncio.get_running_loop()
         inferred = await loop.run_in_executor(lane.executor, self.computer.infer, lane.served, jobs)
-        lane.placement.observe(inferred.compute_s)
         return await self._encoded(lane, jobs, inferred, dispatched)
 
     async def _encoded(

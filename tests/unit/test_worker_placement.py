@@ -5,10 +5,15 @@ the first calls of a version in the lane's pool, then — digits computes in wel
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import pytest
 
+from inference_worker.pipeline.compute import BatchComputer
+from inference_worker.pipeline.placement import CallPlacement
 from inference_worker.runtimes.base import Runner
 from tests.unit.test_worker_memory import FlakyRunner, _digits, _settings, pipeline
 
@@ -68,3 +73,42 @@ async def test_a_retry_runs_in_the_pool_even_when_the_lane_runs_on_the_loop() ->
     assert reply.response.status == "ok"
     assert worker.stats.retries == 1
     assert recording.threads[-1].startswith("iw-digits"), recording.threads[-3:]
+
+
+async def test_each_model_call_counts_once_even_when_its_encoding_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The placement learns from one time per call: a call whose encoding outlived
+    compute_timeout_s counts as timed out, not also as the quick model call it was."""
+    seen: list[float] = []
+    observe = CallPlacement.observe
+
+    def counting(self: CallPlacement, seconds: float) -> None:
+        seen.append(seconds)
+        observe(self, seconds)
+
+    encode = BatchComputer.encode
+    slow_once = [True]
+
+    def slow_encode(self: BatchComputer, *args: Any) -> Any:
+        if slow_once.pop() if slow_once else False:
+            time.sleep(0.3)  # in the pool thread, past the 0.2 s timeout
+        return encode(self, *args)
+
+    monkeypatch.setattr(CallPlacement, "observe", counting)
+    monkeypatch.setattr(BatchComputer, "encode", slow_encode)
+    x, _ = _digits()
+    quick = {
+        "worker": {"compute_timeout_s": 0.2, "loop_codec_max_bytes": 0},  # encode in the pool
+        # the retry (after 400-1200 ms, jittered) finds the pool thread free again
+        "state": {"retry_base_ms": 800, "reap_interval_s": 0.02},
+    }
+    async with pipeline(_settings(**quick)) as (worker, client, runner, _):
+        recording = Recording(runner.inner)
+        runner.inner = recording
+        reply = await client.send(client.make_request("digits", {"pixels": x[0:1]}, id="r"))
+    assert reply.response.status == "ok"
+    assert worker.stats.retries == 1  # the timed-out attempt, then the retry
+    assert len(recording.threads) == 2
+    assert len(seen) == 2, seen
+    assert seen[0] == 0.2  # the timed-out call counts as the timeout
