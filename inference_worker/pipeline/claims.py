@@ -13,7 +13,6 @@ back (the record is dropped, so the client's resend is computed afresh) and is a
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -85,7 +84,7 @@ class Claims:
             outcomes[result.outcome.value] += 1
             if result.outcome is ClaimOutcome.NEW or result.outcome is ClaimOutcome.EXHAUSTED:
                 assert result.token is not None
-                job = dataclasses.replace(job, token=result.token, attempts=result.attempts)
+                job = job.claimed(result.token, result.attempts)
                 self._leases.hold(job.key, job.token)
                 (new if result.outcome is ClaimOutcome.NEW else exhausted).append(job)
             elif result.outcome is ClaimOutcome.DONE:

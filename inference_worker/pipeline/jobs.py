@@ -54,6 +54,14 @@ class Job:
     def key(self) -> tuple[str, str]:
         return (self.request.app, self.request.id)
 
+    def claimed(self, token: str, attempts: int) -> Job:
+        """This job under a lease (built directly: `dataclasses.replace` costs ~2 % of
+        the worker's CPU at full load, once per request)."""
+        return Job(
+            self.request, self.lane, self.to, self.source, self.received_at, self.deadline,
+            self.rows, self.size, self.delivery, token, attempts,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Refusal:
