@@ -116,8 +116,10 @@ class Recorder:
         batch. Bursts are runs of answers separated by gaps longer than
         max(50 ms, 20 x the median gap); the rate is the answers after the first burst end
         in the window up to the last burst end in it, over the time between those ends.
-        With fewer than two burst ends in the window (a steady stream), it is the answers
-        received in the window over its length.
+        With fewer than two burst ends in the window (a steady stream), or ends less than
+        half the window apart (a steady stream with a hiccup or two: the span between them
+        would be mostly the hiccup), it is the answers received in the window over its
+        length.
         """
         arr = sorted(self.arrivals)
         fixed = float(self.answered / self.args.duration)
@@ -127,7 +129,7 @@ class Recorder:
         threshold = max(0.05, 20 * sorted(gaps)[len(gaps) // 2])
         ends = [arr[i] for i, g in enumerate(gaps) if g > threshold] + [arr[-1]]
         inside = [t for t in ends if self.win_lo <= t <= self.win_hi]
-        if len(inside) < 2:
+        if len(inside) < 2 or inside[-1] - inside[0] < 0.5 * (self.win_hi - self.win_lo):
             return fixed
         t_a, t_b = inside[0], inside[-1]
         counted = bisect.bisect_right(arr, t_b) - bisect.bisect_right(arr, t_a)
