@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import numpy as np
 
 from inference_worker import dlq_cli, keys_cli, models_cli
 from inference_worker.app import run_worker
+from inference_worker.gcpause import freeze_startup_heap
 from inference_worker.logs import configure_logging
 from inference_worker.protocol import Codec, Limits, ProtocolError, Response, WireCodec
 from inference_worker.settings import Settings, SettingsError, load_settings
@@ -58,7 +60,16 @@ async def _serve(settings: Settings) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     # Which physical GPU(s) this process sees (set by the supervisor): for the fleet view.
     info = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    await run_worker(settings, stop, info=info, reload=reload)
+    # A serving process freezes its start-up heap once ready (inference_worker.gcpause);
+    # embedders of run_worker (tests, the demo) keep the collector as it is.
+    await run_worker(settings, stop, info=info, reload=reload, on_ready=_freeze_heap)
+
+
+def _freeze_heap(_worker: object) -> None:
+    frozen = freeze_startup_heap()
+    logging.getLogger("inference_worker.cli").info(
+        "start-up heap frozen for the garbage collector", extra={"gc_frozen_objects": frozen}
+    )
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
