@@ -7,8 +7,15 @@ that asyncio accepted, for a pipeline and for a bare `read_response` alike, redi
 8.1). The task's cancel request is then used up, so a loop that sleeps and calls Redis
 again never ends, and whoever cancelled it and awaits it waits for ever (seen: a worker
 that never exited after SIGTERM, its heartbeat task "cancelling" for good).
-`asyncio.Task.cancelling()` still counts the request, so each long-running loop that
-calls Redis checks it after every call.
+`asyncio.Task.cancelling()` still counts the request, so every Redis call the worker
+makes checks it when it returns, and each long-running loop once per pass (a call that
+raised skips the first check).
+
+Only a cancel that nothing undid counts: `asyncio.timeout` and `TaskGroup` uncancel what
+they absorb, and 3.11's `wait_for` cancels a task of its own. One exception to know of:
+on Python 3.11 a `TaskGroup` whose child fails after the body ended leaves its parent
+`cancelling()` for good, so a task that catches such a group's error and then calls
+Redis would be cancelled there (the worker's one TaskGroup, in `_claim_loop`, re-raises).
 """
 
 from __future__ import annotations

@@ -191,6 +191,7 @@ class Heartbeat:
                 await self.beat()
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
+            raise_if_cancelled()  # each pass: a Redis call may have swallowed the cancel
             if stop.is_set():
                 await asyncio.sleep(self._interval)  # draining: keep the record alive
                 continue

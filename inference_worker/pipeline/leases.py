@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
+from inference_worker.cancelling import raise_if_cancelled
 from inference_worker.metrics import Metrics
 from inference_worker.settings import StateSettings
 from inference_worker.state.base import Renewal, StateStore, StateUnavailable
@@ -63,6 +64,7 @@ class LeaseBook:
         while True:
             await self._sleep(s.lease_ms / 3000.0)
             await self.renew_once()
+            raise_if_cancelled()  # each pass: a Redis call may have swallowed the cancel
 
     async def renew_once(self) -> None:
         held = list(self._held.items())

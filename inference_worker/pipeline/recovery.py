@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 
+from inference_worker.cancelling import raise_if_cancelled
 from inference_worker.metrics import Metrics, WorkerStats
 from inference_worker.pipeline.admission import Admission
 from inference_worker.pipeline.batches import Batches
@@ -224,6 +225,7 @@ class RecoveryLoop:
             except Exception as exc:  # e.g. MISCONF: log, count, try again next round
                 log.error("recovery sweep failed", extra={"error": f"{type(exc).__name__}: {exc}"})
                 busy = False
+            raise_if_cancelled()  # each pass: a Redis call may have swallowed the cancel
             if not busy:
                 await self._sleep(self._settings.reap_interval_s)
 

@@ -335,4 +335,5 @@ async def poll_length(
             on_length(await store.length())
         except (StateUnavailable, StateFailed) as exc:
             log.debug("dead-letter length not read", extra={"error": str(exc)})
+        raise_if_cancelled()  # each pass: a Redis call may have swallowed the cancel
         await sleep(interval_s)
