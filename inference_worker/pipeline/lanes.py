@@ -25,6 +25,7 @@ from typing import Any
 from inference_worker.batchcost import BatchCost
 from inference_worker.batching import BatcherClosed, DrainTimeout, DynamicBatcher
 from inference_worker.batchpolicy import policy_for
+from inference_worker.gcpause import collect_retired
 from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
 from inference_worker.pipeline.jobs import Job
@@ -203,6 +204,8 @@ class LaneSet:
         if left:
             await self._orphaned(left)
         lane.close()
+        # Later, when this coroutine's frame no longer holds the lane (see gcpause).
+        asyncio.get_running_loop().call_later(1.0, collect_retired)
 
     def lanes(self) -> list[Lane]:
         return self.host.lanes()
