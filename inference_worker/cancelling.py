@@ -7,9 +7,9 @@ that asyncio accepted, for a pipeline and for a bare `read_response` alike, redi
 8.1). The task's cancel request is then used up, so a loop that sleeps and calls Redis
 again never ends, and whoever cancelled it and awaits it waits for ever (seen: a worker
 that never exited after SIGTERM, its heartbeat task "cancelling" for good).
-`asyncio.Task.cancelling()` still counts the request, so every Redis call the worker
-makes checks it when it returns, and each long-running loop once per pass (a call that
-raised skips the first check).
+`asyncio.Task.cancelling()` still counts the request, so the calls the request path
+makes (state scripts, dead letters, API keys) check it when they return, and every loop
+that calls Redis checks it once per pass (which also covers a call that raised).
 
 Only a cancel that nothing undid counts: `asyncio.timeout` and `TaskGroup` uncancel what
 they absorb, and 3.11's `wait_for` cancels a task of its own. One exception to know of:

@@ -182,7 +182,6 @@ class Heartbeat:
             pipe.hset(self.key, mapping=self.sample())  # type: ignore[arg-type]
             pipe.pexpire(self.key, ttl_ms)
             await pipe.execute()
-        raise_if_cancelled()  # redis-py may have swallowed this task's cancel
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat now and every interval; beat at once when drain starts (state=draining)."""

@@ -40,5 +40,4 @@ def collect_retired() -> None:
     if gc.get_freeze_count() == 0:
         return
     gc.unfreeze()
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
