@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inference_worker_client.frozen import quick_init
 
+
+@quick_init
 @dataclass(frozen=True)
 class JournalEntry:
     payload: bytes  # the request bytes as received

@@ -32,6 +32,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import zstandard
+from inference_worker_client.frozen import quick_init
 
 from inference_worker.auth import Authenticator, AuthMode, Verdict
 from inference_worker.inputs import validate_inputs
@@ -54,12 +55,14 @@ from inference_worker.settings import BrokerSettings
 from inference_worker.transports.base import Delivery
 
 
+@quick_init
 @dataclass(frozen=True)
 class Admitted:
     jobs: list[Job]
     refused: list[Refusal]
 
 
+@quick_init
 @dataclass(frozen=True)
 class _Draft:
     """A decoded, routed, validated request before its app is final."""

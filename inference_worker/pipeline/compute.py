@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from inference_worker_client.frozen import quick_init
 
 from inference_worker.pipeline.jobs import Job
 from inference_worker.protocol import Codec, Limits, Response, Timing, WireCodec
 from inference_worker.serving import ServedModel
 
 
+@quick_init
 @dataclass(frozen=True)
 class Inferred:
     outputs: dict[str, np.ndarray]  # the whole batch's rows, in the jobs' order
@@ -29,6 +31,7 @@ class Inferred:
     nbytes: int  # of all outputs: where they are encoded
 
 
+@quick_init
 @dataclass(frozen=True)
 class Computed:
     payloads: list[bytes]  # one encoded response per job, in order

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from inference_worker_client.frozen import quick_init
+
 from inference_worker.journal import JournalEntry
 from inference_worker.protocol import Codec, ErrorCode, Request
 from inference_worker.transports.base import Delivery
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from inference_worker.pipeline.lanes import Lane
 
 
+@quick_init
 @dataclass(frozen=True)
 class Address:
     """Where and how one request is answered (responses and error responses alike)."""
@@ -34,6 +37,7 @@ class Address:
     traceparent: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class Job:
     """One admitted request on its way through claim, batcher, model and completion."""
@@ -63,6 +67,7 @@ class Job:
         )  # fmt: skip
 
 
+@quick_init
 @dataclass(frozen=True)
 class Refusal:
     """A delivery answered with an error and never run (nothing claimed).

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from inference_worker_client.frozen import quick_init
+
 from inference_worker.journal import JournalEntry
 
 
@@ -27,6 +29,7 @@ class ClaimOutcome(enum.StrEnum):
     EXHAUSTED = "exhausted"
 
 
+@quick_init
 @dataclass(frozen=True)
 class ClaimRequest:
     app: str
@@ -37,6 +40,7 @@ class ClaimRequest:
     source: JournalEntry
 
 
+@quick_init
 @dataclass(frozen=True)
 class ClaimResult:
     outcome: ClaimOutcome
@@ -45,6 +49,7 @@ class ClaimResult:
     attempts: int = 0  # attempts including this one (NEW), or run so far (others)
 
 
+@quick_init
 @dataclass(frozen=True)
 class Completion:
     app: str

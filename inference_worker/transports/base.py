@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from inference_worker_client.frozen import quick_init
+
 from inference_worker.security import TransportSecurity
 
 
+@quick_init
 @dataclass(frozen=True)
 class Delivery:
     """One message as received; nothing is acked until `ack()` is called.
@@ -44,6 +47,7 @@ class Delivery:
             self.acker()
 
 
+@quick_init
 @dataclass(frozen=True)
 class Outgoing:
     """One message to publish (see `Transport.publish_many`).

@@ -18,6 +18,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from inference_worker_client.frozen import quick_init
+
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 3, 4, 9, 13, 14
 
 PINGREQ_PACKET = b"\xc0\x00"
@@ -67,6 +69,7 @@ def is_failure(code: int) -> bool:
     return code >= 0x80
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Message:
     """One PUBLISH from the broker. `topic` is raw bytes: checking UTF-8 is the
@@ -81,6 +84,7 @@ class Message:
     user_properties: tuple[tuple[str, str], ...] = ()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Ack:
     """A CONNACK, SUBACK, PUBACK or DISCONNECT from the broker: its packet id (0 where

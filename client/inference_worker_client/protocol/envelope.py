@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference_worker_client.frozen import quick_init
 from inference_worker_client.protocol.codes import Codec, ErrorCode
 from inference_worker_client.protocol.errors import ProtocolError
 from inference_worker_client.protocol.tensors import Array
@@ -14,6 +15,7 @@ PRIORITY_MAX = 9  # request priorities are 0..PRIORITY_MAX, higher first
 PRIORITY_DEFAULT = 4  # the rank of a request that gives none (so clients can go below it)
 
 
+@quick_init
 @dataclass(frozen=True)
 class Request:
     """One decoded request.
@@ -46,6 +48,7 @@ class Request:
         return 1 if first is None or first.ndim == 0 else int(first.shape[0])
 
 
+@quick_init
 @dataclass(frozen=True)
 class ErrorInfo:
     code: ErrorCode
@@ -54,6 +57,7 @@ class ErrorInfo:
     retry_after_ms: int | None = None  # `overloaded`: when the app may send again
 
 
+@quick_init
 @dataclass(frozen=True)
 class Timing:
     queue_ms: float
@@ -61,6 +65,7 @@ class Timing:
     batch_size: int
 
 
+@quick_init
 @dataclass(frozen=True)
 class Response:
     id: str
