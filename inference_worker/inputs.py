@@ -63,3 +63,53 @@ def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> in
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise fail(f"input {spec.name!r}: NaN or infinity not allowed")
     return n
+
+
+class InputCheck:
+    """`validate_inputs` for one model config, its declaration compiled once.
+
+    Admission runs this for every request; the general function rebuilds sets and dtypes
+    from the config each time (~3 µs for one small input here, ~0.7 µs compiled). Only
+    the accepting path is fast: anything it does not accept outright goes to
+    `validate_inputs`, which raises the detailed error, so the messages stay in one place.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self._config = config
+        self._names = frozenset(spec.name for spec in config.inputs)
+        self._specs = tuple(
+            (
+                spec.name,
+                np.dtype(spec.dtype),
+                len(spec.shape),
+                tuple((axis, want) for axis, want in enumerate(spec.shape) if axis and want != -1),
+            )
+            for spec in config.inputs
+        )
+        floats = (spec.name for spec in config.inputs if np.dtype(spec.dtype).kind == "f")
+        self._finite = () if config.allow_non_finite else tuple(floats)
+        self._max_rows = config.max_batch_size
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """The number of rows; raises `ProtocolError` (INVALID_INPUT) as `validate_inputs`."""
+        if inputs.keys() != self._names:
+            return validate_inputs(self._config, inputs)
+        n = -1
+        for name, dtype, ndim, fixed in self._specs:
+            arr = inputs[name]
+            if type(arr) is not np.ndarray or arr.ndim != ndim or ndim == 0 or arr.dtype != dtype:
+                return validate_inputs(self._config, inputs)
+            shape = arr.shape
+            for axis, want in fixed:
+                if shape[axis] != want:
+                    return validate_inputs(self._config, inputs)
+            if n != shape[0]:
+                if n != -1:
+                    return validate_inputs(self._config, inputs)
+                n = shape[0]
+        if not 1 <= n <= self._max_rows:
+            return validate_inputs(self._config, inputs)
+        for name in self._finite:
+            if not np.isfinite(inputs[name]).all():
+                return validate_inputs(self._config, inputs)
+        return n

@@ -35,7 +35,6 @@ import zstandard
 from inference_worker_client.frozen import quick_init
 
 from inference_worker.auth import Authenticator, AuthMode, Verdict
-from inference_worker.inputs import validate_inputs
 from inference_worker.journal import JournalEntry
 from inference_worker.pipeline.intake import ByteBudget
 from inference_worker.pipeline.jobs import Address, Job, Refusal
@@ -168,7 +167,7 @@ class Admission:
                 ErrorCode.UNAUTHORIZED, f"app {req.app!r} may not publish on {d.topic!r}"
             )
         lane = self._lanes.resolve(req.model, req.version)
-        rows = validate_inputs(lane.served.config, req.inputs)
+        rows = lane.check_inputs(req.inputs)
         if route.app is not None:
             req = dataclasses.replace(req, app=route.app)
         reply_to = d.reply_to or req.reply_to or self._broker.response_topic

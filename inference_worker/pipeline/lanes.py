@@ -26,6 +26,7 @@ from inference_worker.batchcost import BatchCost
 from inference_worker.batching import BatcherClosed, DrainTimeout, DynamicBatcher
 from inference_worker.batchpolicy import policy_for
 from inference_worker.gcpause import collect_retired
+from inference_worker.inputs import InputCheck
 from inference_worker.metrics import Metrics
 from inference_worker.models import ModelRepository
 from inference_worker.pipeline.jobs import Job
@@ -55,6 +56,7 @@ class Lane:
     ) -> None:
         cfg = served.config
         self.served = served
+        self.check_inputs = InputCheck(cfg)  # admission's per-request check, compiled once
         self.observe = observe
         self.placement = placement  # where this version's model calls run
         self.executor = ThreadPoolExecutor(cfg.instances, thread_name_prefix=f"iw-{cfg.name}")

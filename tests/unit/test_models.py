@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference_worker.inputs import validate_inputs
+from inference_worker.inputs import InputCheck, validate_inputs
 from inference_worker.models import (
     ModelConfig,
     ModelConfigError,
@@ -176,15 +176,26 @@ def good(rows: int = 2) -> dict[str, np.ndarray]:
     return {"a": np.zeros((rows, 3), np.float32), "b": np.zeros((rows, 5), np.int64)}
 
 
+def rows_of(cfg: ModelConfig, inputs: dict[str, np.ndarray]) -> int:
+    """The rows by `validate_inputs`, after checking the compiled `InputCheck` agrees."""
+    want = validate_inputs(cfg, inputs)
+    assert InputCheck(cfg)(inputs) == want
+    return want
+
+
 def test_valid_inputs_return_rows() -> None:
-    assert validate_inputs(CFG, good(1)) == 1
-    assert validate_inputs(CFG, good(4)) == 4
+    assert rows_of(CFG, good(1)) == 1
+    assert rows_of(CFG, good(4)) == 4
 
 
 def invalid(inputs: dict[str, np.ndarray], cfg: ModelConfig = CFG) -> str:
+    """The error of `validate_inputs`; the compiled `InputCheck` must raise the same."""
     with pytest.raises(ProtocolError) as info:
         validate_inputs(cfg, inputs)
     assert info.value.code == ErrorCode.INVALID_INPUT
+    with pytest.raises(ProtocolError) as compiled:
+        InputCheck(cfg)(inputs)
+    assert (compiled.value.code, str(compiled.value)) == (info.value.code, str(info.value))
     return str(info.value)
 
 
@@ -198,6 +209,7 @@ def test_dtype_mismatch_says_expected_and_got() -> None:
     assert "float32" in msg and "float64" in msg
     assert "int64" in invalid({**good(), "b": np.zeros((2, 5), np.int32)})
     invalid({**good(), "a": np.zeros((2, 3), ">f4")})  # big-endian is not float32 here
+    invalid({**good(), "a": [[0.0, 0.0, 0.0]] * 2})  # type: ignore[dict-item]  # not an array
 
 
 def test_rank_and_dim_mismatch() -> None:
@@ -219,12 +231,60 @@ def test_non_finite(value: float) -> None:
     bad["a"][1, 2] = value
     assert "NaN" in invalid(bad)
     allowed = ModelConfig(**{**CFG.__dict__, "allow_non_finite": True})
-    assert validate_inputs(allowed, bad) == 2
+    assert rows_of(allowed, bad) == 2
 
 
 def test_non_finite_check_only_for_floats() -> None:
     cfg = ModelConfig(
-        name="m", backend="onnx", inputs=(TensorSpec("i", "int32", (-1,)),),
-        outputs=(TensorSpec("y", "int32", (-1,)),), allow_non_finite=False,
+        name="m",
+        backend="onnx",
+        inputs=(TensorSpec("i", "int32", (-1,)),),
+        outputs=(TensorSpec("y", "int32", (-1,)),),
+        allow_non_finite=False,
     )
-    assert validate_inputs(cfg, {"i": np.array([1, 2], np.int32)}) == 2
+    assert rows_of(cfg, {"i": np.array([1, 2], np.int32)}) == 2
+
+
+def test_compiled_check_agrees_on_many_shapes() -> None:
+    """Random declarations and inputs (fixed seed): the compiled check returns the same
+    rows or raises the same error as `validate_inputs`, including for ndarray subclasses."""
+    rng = np.random.default_rng(11)
+    dtypes = ["float32", "float64", "int64", "int32"]
+    for _ in range(400):
+        specs = tuple(
+            TensorSpec(f"t{i}", str(rng.choice(dtypes)), (-1, *_dims(rng)))
+            for i in range(rng.integers(1, 3))
+        )
+        cfg = ModelConfig(
+            name="m", backend="onnx", inputs=specs, outputs=(TensorSpec("y", "float32", (-1,)),),
+            max_batch_size=4, allow_non_finite=bool(rng.integers(0, 2)),
+        )  # fmt: skip
+        inputs: dict[str, np.ndarray] = {}
+        for spec in specs:
+            if rng.random() < 0.05:
+                continue  # a missing input
+            shape = [int(rng.integers(0, 6))]
+            shape += [
+                int(d) if d != -1 and rng.random() < 0.9 else int(rng.integers(1, 4))
+                for d in spec.shape[1:]
+            ]
+            if rng.random() < 0.05:
+                shape.append(1)  # a rank too many
+            dtype = spec.dtype if rng.random() < 0.9 else str(rng.choice(dtypes))
+            arr = np.ones(shape, dtype)
+            if arr.size and arr.dtype.kind == "f" and rng.random() < 0.2:
+                arr.flat[-1] = np.nan
+            inputs[spec.name] = arr.view(np.memmap) if rng.random() < 0.05 else arr
+        try:
+            want: int | str = validate_inputs(cfg, inputs)
+        except ProtocolError as exc:
+            want = str(exc)
+        try:
+            got: int | str = InputCheck(cfg)(inputs)
+        except ProtocolError as exc:
+            got = str(exc)
+        assert got == want, (cfg, {k: (v.dtype, v.shape) for k, v in inputs.items()})
+
+
+def _dims(rng: np.random.Generator) -> list[int]:
+    return [int(d) for d in rng.choice([-1, 2, 3], rng.integers(0, 3))]
