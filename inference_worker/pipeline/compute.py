@@ -19,7 +19,7 @@ import numpy as np
 from inference_worker_client.frozen import quick_init
 
 from inference_worker.pipeline.jobs import Job
-from inference_worker.protocol import Codec, Limits, Response, Timing, WireCodec
+from inference_worker.protocol import Codec, Response, Timing, WireCodec
 from inference_worker.serving import ServedModel
 
 
@@ -41,8 +41,13 @@ class Computed:
 class BatchComputer:
     """Stateless apart from one WireCodec per thread that encodes."""
 
-    def __init__(self, limits: Limits, worker: str, codec_for: Callable[[Codec], Codec]) -> None:
-        self._limits = limits
+    def __init__(
+        self,
+        new_codec: Callable[[], WireCodec],
+        worker: str,
+        codec_for: Callable[[Codec], Codec],
+    ) -> None:
+        self._new_codec = new_codec
         self._worker = worker
         self._codec_for = codec_for
         self._local = threading.local()
@@ -88,5 +93,5 @@ class BatchComputer:
     def _codec(self) -> WireCodec:
         codec: WireCodec | None = getattr(self._local, "codec", None)
         if codec is None:
-            codec = self._local.codec = WireCodec(self._limits)
+            codec = self._local.codec = self._new_codec()
         return codec

@@ -94,7 +94,7 @@ class Worker:
         )
         limits = s.limits.to_limits()
         self.batches = Batches(
-            BatchComputer(limits, parts.name, self.outbox.codec_for),
+            BatchComputer(self.outbox.new_codec, parts.name, self.outbox.codec_for),
             self.outbox,
             self.stats,
             self.metrics,

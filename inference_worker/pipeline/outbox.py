@@ -85,10 +85,16 @@ class Outbox:
         self._wall_ms = wall_ms
         self._clock = clock
         self.letters = letters
-        self._codec = WireCodec(settings.limits.to_limits())  # event-loop thread only
+        self._limits = settings.limits.to_limits()
+        self._fast_below = settings.worker.response_zstd_fast_below
+        self._codec = self.new_codec()  # event-loop thread only
         self._pinned = settings.worker.response_codec
 
     # ---- building answers -------------------------------------------------------------
+
+    def new_codec(self) -> WireCodec:
+        """A codec for encoding answers (one per thread that encodes)."""
+        return WireCodec(self._limits, zstd_fast_below=self._fast_below)
 
     def codec_for(self, request_codec: Codec) -> Codec:
         """The request's codec, unless settings pin one."""

@@ -618,3 +618,20 @@ def test_big_endian_and_strided_arrays_encode_correctly(wire: WireCodec) -> None
         got = wire.decode_request(wire.encode_request(req, codec)).inputs["x"]
         assert got.dtype == np.dtype("<i4")
         np.testing.assert_array_equal(got, arr)
+
+
+def test_short_zstd_bodies_use_the_fast_level() -> None:
+    """`zstd_fast_below`: a body under the bound is the fast level's frame, one at or
+    over it the configured level's; both decode to the same response."""
+    wire = WireCodec(zstd_fast_below=1024)
+    small = Response(id="s", status="ok", outputs={"y": np.arange(4, dtype=np.float32)})
+    large = Response(id="l", status="ok", outputs={"y": np.zeros(4096, np.float32)})
+    for resp, level in ((small, -1), (large, 3)):
+        body = WireCodec().encode_response(resp, Codec.MSGPACK)
+        assert (len(body) < 1024) == (level == -1)
+        frame = wire.encode_response(resp, Codec.ZSTD)
+        assert frame == zstandard.ZstdCompressor(level=level).compress(body)
+        assert wire.decode_response(frame).id == resp.id
+    assert WireCodec().encode_response(small) == zstandard.ZstdCompressor(level=3).compress(
+        WireCodec().encode_response(small, Codec.MSGPACK)
+    )

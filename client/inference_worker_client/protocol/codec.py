@@ -58,10 +58,19 @@ class WireCodec:
     no two overlap; concurrent callers need one ``WireCodec`` each.
     """
 
-    def __init__(self, limits: Limits | None = None, *, zstd_level: int = 3) -> None:
+    def __init__(
+        self, limits: Limits | None = None, *, zstd_level: int = 3, zstd_fast_below: int = 0
+    ) -> None:
+        """``zstd_fast_below``: msgpack bodies shorter than this many bytes are compressed
+        at zstd's fast level (-1) instead of ``zstd_level``. Below a few KiB the two come
+        out within a few bytes of each other (level 3 builds entropy tables that a short
+        body barely uses) and the fast level takes about a third of the time: ~1.7 µs
+        instead of ~4.5 µs for a 266-byte response here. 0: always ``zstd_level``."""
         self.limits = limits = limits or Limits()
         self._validator = Validator(limits)
         self._cctx = zstandard.ZstdCompressor(level=zstd_level)
+        self._fast_below = zstd_fast_below
+        self._cctx_fast = zstandard.ZstdCompressor(level=-1) if zstd_fast_below else self._cctx
         self._dctx = zstandard.ZstdDecompressor(max_window_size=limits.max_window_bytes)
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
         self._slot_budget = limits.max_json_elements + ENVELOPE_SLOTS
@@ -212,7 +221,10 @@ class WireCodec:
                 obj["meta"] = jsonable(obj["meta"])
             return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
         packed: bytes = self._packer.pack(obj)
-        return self._cctx.compress(packed) if codec is Codec.ZSTD else packed
+        if codec is not Codec.ZSTD:
+            return packed
+        cctx = self._cctx_fast if len(packed) < self._fast_below else self._cctx
+        return cctx.compress(packed)
 
 
 def _error_obj(error: ErrorInfo) -> dict[str, Any]:
