@@ -19,7 +19,7 @@ import numpy as np
 from inference_worker_client.frozen import quick_init
 
 from inference_worker.pipeline.jobs import Job
-from inference_worker.protocol import Codec, Response, Timing, WireCodec
+from inference_worker.protocol import Answer, AnswerBatch, Codec, WireCodec
 from inference_worker.serving import ServedModel
 
 
@@ -66,29 +66,27 @@ class BatchComputer:
     def encode(
         self, served: ServedModel, jobs: Sequence[Job], inferred: Inferred, dispatched: float
     ) -> Computed:
-        outputs = inferred.outputs
-        compute_ms = round(inferred.compute_s * 1000.0, 3)
-        codec = self._codec()
-        payloads: list[bytes] = []
-        offset = 0
-        for job in jobs:
-            end = offset + job.rows
-            resp = Response(
-                id=job.request.id,
-                status="ok",
-                app=job.request.app,
-                model=served.config.name,
-                version=served.version,
-                outputs={k: v[offset:end] for k, v in outputs.items()},
-                meta=job.request.meta,
-                timing=Timing(
-                    round((dispatched - job.received_at) * 1000.0, 3), compute_ms, len(jobs)
-                ),
-                worker=self._worker,
+        codec_for = self._codec_for
+        answers = [
+            Answer(
+                job.request.id,
+                job.request.app,
+                job.rows,
+                round((dispatched - job.received_at) * 1000.0, 3),
+                job.request.meta,
+                codec_for(job.request.codec),
             )
-            payloads.append(codec.encode_response(resp, self._codec_for(job.request.codec)))
-            offset = end
-        return Computed(payloads, inferred.compute_s)
+            for job in jobs
+        ]
+        batch = AnswerBatch(
+            served.config.name,
+            served.version,
+            self._worker,
+            round(inferred.compute_s * 1000.0, 3),
+            inferred.outputs,
+            answers,
+        )
+        return Computed(self._codec().encode_answers(batch), inferred.compute_s)
 
     def _codec(self) -> WireCodec:
         codec: WireCodec | None = getattr(self._local, "codec", None)

@@ -13,6 +13,8 @@ import zstandard
 
 from inference_worker.protocol import (
     RETRYABLE_CODES,
+    Answer,
+    AnswerBatch,
     Codec,
     ErrorCode,
     ErrorInfo,
@@ -635,3 +637,36 @@ def test_short_zstd_bodies_use_the_fast_level() -> None:
     assert WireCodec().encode_response(small) == zstandard.ZstdCompressor(level=3).compress(
         WireCodec().encode_response(small, Codec.MSGPACK)
     )
+
+
+@pytest.mark.parametrize("fast_below", [0, 4096])
+def test_encode_answers_is_encode_response_byte_for_byte(fast_below: int) -> None:
+    """A batch's answers encoded together equal each `Response` encoded alone, over
+    mixed codecs, rows per answer, meta, worker and outputs that are not wire-ready."""
+    wire = WireCodec(zstd_fast_below=fast_below)
+    rng = np.random.default_rng(3)
+    rows = [1, 3, 1, 2, 1]
+    total = sum(rows)
+    outputs: dict[str, Any] = {
+        "label": np.arange(total, dtype=np.int64),
+        "probs": np.asfortranarray(rng.random((total, 4), np.float32)),
+        "big_endian": np.arange(total * 2, dtype=">f8").reshape(total, 2),
+        "flag": np.arange(total) % 2 == 0,
+    }
+    codecs = [Codec.ZSTD, Codec.MSGPACK, Codec.JSON, Codec.ZSTD, Codec.MSGPACK]
+    metas: list[dict[str, Any] | None] = [None, {"k": [1, 2]}, {"s": "x"}, None, {}]
+    answers = [
+        Answer(f"id-{i}", "app" if i % 2 else "", n, 1.25 * i, metas[i], codecs[i])
+        for i, n in enumerate(rows)
+    ]
+    for worker in ("w-1", None):
+        batch = AnswerBatch("m", 7, worker, 0.321, outputs, answers)
+        got = wire.encode_answers(batch)
+        offset, want = 0, []
+        for answer in answers:
+            want.append(wire.encode_response(batch.response(answer, offset), answer.codec))
+            offset += answer.rows
+        assert got == want
+        back = [wire.decode_response(p) for p in got]
+        assert [r.id for r in back] == [a.id for a in answers]
+        assert [r.outputs["probs"].shape[0] for r in back if r.outputs] == rows

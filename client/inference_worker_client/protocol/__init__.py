@@ -15,6 +15,8 @@ from inference_worker_client.protocol.codec import WireCodec, detect_codec
 from inference_worker_client.protocol.codes import RETRYABLE_CODES, Codec, ErrorCode
 from inference_worker_client.protocol.dtypes import DTYPE_NAMES, DTYPES, dtype_name, wire_dtype
 from inference_worker_client.protocol.envelope import (
+    Answer,
+    AnswerBatch,
     ErrorInfo,
     Request,
     Response,
@@ -31,6 +33,8 @@ __all__ = [
     "DTYPE_NAMES",
     "RETRYABLE_CODES",
     "Addressable",
+    "Answer",
+    "AnswerBatch",
     "Array",
     "Codec",
     "ErrorCode",

@@ -9,10 +9,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgpack
+import numpy as np
 import zstandard
 
 from inference_worker_client.protocol.codes import Codec, ErrorCode
-from inference_worker_client.protocol.envelope import ErrorInfo, Request, Response, Timing
+from inference_worker_client.protocol.dtypes import dtype_name
+from inference_worker_client.protocol.envelope import (
+    AnswerBatch,
+    ErrorInfo,
+    Request,
+    Response,
+    Timing,
+)
 from inference_worker_client.protocol.errors import ProtocolError
 from inference_worker_client.protocol.limits import ENVELOPE_SLOTS, Limits
 from inference_worker_client.protocol.loaders import (
@@ -22,7 +30,11 @@ from inference_worker_client.protocol.loaders import (
     load_json,
     unpack_msgpack,
 )
-from inference_worker_client.protocol.tensors import encode_tensor_bin, encode_tensor_json
+from inference_worker_client.protocol.tensors import (
+    encode_tensor_bin,
+    encode_tensor_json,
+    wire_contiguous,
+)
 from inference_worker_client.protocol.validate import Validator
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -202,6 +214,51 @@ class WireCodec:
         }
         return self._serialize(obj, codec)
 
+    def encode_answers(self, batch: AnswerBatch) -> list[bytes]:
+        """Wire bytes of each answer of `batch`, byte for byte what `encode_response`
+        makes of `batch.response(...)`. A batch's answers share their model, version,
+        worker, output dtypes and trailing shapes, so those are worked out once and
+        each answer only slices the outputs (a view: no copy) and is packed; JSON
+        answers take the general path. ``ValueError`` for dtypes the wire cannot carry."""
+        tensors = []
+        for name, arr in batch.outputs.items():
+            arr = wire_contiguous(np.asarray(arr))  # slices of it are wire-contiguous too
+            tensors.append((name, dtype_name(arr.dtype), list(arr.shape[1:]), arr))
+        model, version = batch.model, batch.version
+        out: list[bytes] = []
+        offset = 0
+        for answer in batch.answers:
+            if answer.codec is Codec.JSON:
+                out.append(self.encode_response(batch.response(answer, offset), Codec.JSON))
+                offset += answer.rows
+                continue
+            end = offset + answer.rows
+            outputs = {}
+            for name, dtype, rest, arr in tensors:
+                part = arr[offset:end]
+                outputs[name] = {"dtype": dtype, "shape": [len(part), *rest], "data": part.data}
+            obj: dict[str, Any] = {
+                "v": 1,
+                "id": answer.id,
+                "app": answer.app,
+                "model": model,
+                "version": version,
+                "status": "ok",
+                "outputs": outputs,
+            }
+            if answer.meta is not None:
+                obj["meta"] = answer.meta
+            obj["timing"] = {
+                "queue_ms": answer.queue_ms,
+                "compute_ms": batch.compute_ms,
+                "batch_size": len(batch.answers),
+            }
+            if batch.worker is not None:
+                obj["worker"] = batch.worker
+            out.append(self._binary(obj, answer.codec))
+            offset = end
+        return out
+
     def encode_responses(
         self, responses: Sequence[Response], codecs: Codec | Sequence[Codec]
     ) -> list[bytes]:
@@ -220,6 +277,10 @@ class WireCodec:
             if "meta" in obj:
                 obj["meta"] = jsonable(obj["meta"])
             return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        return self._binary(obj, codec)
+
+    def _binary(self, obj: dict[str, Any], codec: Codec) -> bytes:
+        """msgpack or zstd bytes of ``obj`` (whose keys all have values)."""
         packed: bytes = self._packer.pack(obj)
         if codec is not Codec.ZSTD:
             return packed

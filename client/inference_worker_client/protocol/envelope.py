@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,48 @@ class Response:
     timing: Timing | None = None
     worker: str | None = None
     v: int = 1
+
+
+@quick_init
+@dataclass(frozen=True)
+class Answer:
+    """One request's share of an `AnswerBatch`: what differs between its answers."""
+
+    id: str
+    app: str
+    rows: int  # its rows of the batch's outputs, after the previous answers' rows
+    queue_ms: float
+    meta: Mapping[str, Any] | None
+    codec: Codec
+
+
+@quick_init
+@dataclass(frozen=True)
+class AnswerBatch:
+    """The ok answers of one model call, encoded together (`WireCodec.encode_answers`):
+    the same bytes as one `Response` each, without building them one by one."""
+
+    model: str
+    version: int
+    worker: str | None
+    compute_ms: float
+    outputs: Mapping[str, Array]  # the whole batch's rows, in the answers' order
+    answers: Sequence[Answer]
+
+    def response(self, answer: Answer, offset: int) -> Response:
+        """The `Response` that `answer` (its rows from `offset`) stands for."""
+        end = offset + answer.rows
+        return Response(
+            id=answer.id,
+            status="ok",
+            app=answer.app,
+            model=self.model,
+            version=self.version,
+            outputs={k: v[offset:end] for k, v in self.outputs.items()},
+            meta=answer.meta,
+            timing=Timing(answer.queue_ms, self.compute_ms, len(self.answers)),
+            worker=self.worker,
+        )
 
 
 def error_response(err: ProtocolError, *, worker: str | None = None) -> Response:
