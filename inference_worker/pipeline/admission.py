@@ -139,7 +139,7 @@ class Admission:
             draft = self._route(d, result)
         except ProtocolError as err:
             return self._refusal(d, result, err.code, err.message, app=app)
-        draft = dataclasses.replace(draft, request=dataclasses.replace(draft.request, app=app))
+        draft = dataclasses.replace(draft, request=draft.request.with_app(app))
         return self._finish(draft, None)
 
     # ---- steps ------------------------------------------------------------------------
@@ -168,8 +168,8 @@ class Admission:
             )
         lane = self._lanes.resolve(req.model, req.version)
         rows = lane.check_inputs(req.inputs)
-        if route.app is not None:
-            req = dataclasses.replace(req, app=route.app)
+        if route.app is not None and req.app != route.app:
+            req = req.with_app(route.app)
         reply_to = d.reply_to or req.reply_to or self._broker.response_topic
         return _Draft(d, req, route.app, reply_to, rows)
 
@@ -188,8 +188,8 @@ class Admission:
                 error = f"the API key belongs to another app than {req.app!r}"
             if error is not None:
                 return self._refusal(d, req, ErrorCode.UNAUTHORIZED, error, app=draft.route_app)
-            if verdict.app is not None:
-                req = dataclasses.replace(req, app=verdict.app)
+            if verdict.app is not None and req.app != verdict.app:
+                req = req.with_app(verdict.app)
         try:
             reply_to = self._replies.check(draft.reply_to, app=req.app)
         except ProtocolError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -670,3 +671,17 @@ def test_encode_answers_is_encode_response_byte_for_byte(fast_below: int) -> Non
         back = [wire.decode_response(p) for p in got]
         assert [r.id for r in back] == [a.id for a in answers]
         assert [r.outputs["probs"].shape[0] for r in back if r.outputs] == rows
+
+
+def test_with_app_is_replace_field_by_field() -> None:
+    """`Request.with_app` copies the fields instead of calling `__init__`: it must equal
+    `dataclasses.replace`, for every field (one added later included), and stay frozen."""
+    values: dict[str, Any] = {f.name: object() for f in dataclasses.fields(Request)}
+    req = Request(**values)
+    moved = req.with_app("other")
+    expected = dataclasses.replace(req, app="other")
+    for f in dataclasses.fields(Request):
+        assert getattr(moved, f.name) is getattr(expected, f.name), f.name
+    assert req.app is values["app"]  # the original is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        moved.app = "x"  # type: ignore[misc]

@@ -42,6 +42,16 @@ class Request:
     fingerprint: str = ""
     priority: int | None = None
 
+    def with_app(self, app: str) -> Request:
+        """This request under ``app``: what ``dataclasses.replace(self, app=app)`` gives,
+        with the other fields copied as they are (no ``__init__`` call: ~10x cheaper, and
+        admission does it for every request on an app's topic)."""
+        new = object.__new__(Request)
+        fields = new.__dict__
+        fields.update(self.__dict__)
+        fields["app"] = app
+        return new
+
     def rows(self) -> int:
         """Batch size this request contributes: the first input's leading dimension."""
         first = next(iter(self.inputs.values()), None)
