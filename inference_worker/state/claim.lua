@@ -40,14 +40,31 @@ local function lease(req, token, member, exhausted)
   redis.call('ZADD', leases, until_ms, member)
 end
 
-local function take(req, item, token, member, attempts)
-  redis.call('DEL', req)
-  redis.call('HSET', req, 'state', 'pending', 'fp', item[2], 'attempts', attempts,
-    'payload', item[3], 'topic', item[4])
+-- A fresh pending record under a new lease: one HSET with every field (the journal, then
+-- the lease), after a DEL only when a record was there (`existed`: a retake, or a done
+-- record whose response expired), so no field of an earlier run survives.
+local function take(req, item, token, member, attempts, existed)
+  if existed then redis.call('DEL', req) end
+  local fields = {'state', 'pending', 'fp', item[2], 'attempts', attempts,
+    'payload', item[3], 'topic', item[4]}
   local reply_to, corr = item[5], item[6]
-  if reply_to ~= '' then redis.call('HSET', req, 'reply_to', string.sub(reply_to, 2)) end
-  if corr ~= '' then redis.call('HSET', req, 'corr', string.sub(corr, 2)) end
-  lease(req, token, member, 0)
+  if reply_to ~= '' then
+    fields[#fields + 1] = 'reply_to'
+    fields[#fields + 1] = string.sub(reply_to, 2)
+  end
+  if corr ~= '' then
+    fields[#fields + 1] = 'corr'
+    fields[#fields + 1] = string.sub(corr, 2)
+  end
+  local n_fields = #fields
+  fields[n_fields + 1], fields[n_fields + 2] = 'token', token
+  fields[n_fields + 3], fields[n_fields + 4] = 'lease_until', until_ms
+  fields[n_fields + 5], fields[n_fields + 6] = 'lease_ms', lease_ms
+  fields[n_fields + 7], fields[n_fields + 8] = 'exhausted', 0
+  fields[n_fields + 9], fields[n_fields + 10] = 'taken_at', now
+  redis.call('HSET', req, unpack(fields))
+  redis.call('ZREM', retry, member)
+  redis.call('ZADD', leases, until_ms, member)
   return {'new', attempts}
 end
 
@@ -58,13 +75,16 @@ for i = 1, n do
   local h = redis.call('HMGET', req, 'state', 'fp', 'token', 'lease_until', 'attempts',
     'exhausted')
   local state, attempts = h[1], tonumber(h[5]) or 0
+  -- Any of these fields means a record is there (every script that writes one sets
+  -- some of them); none means the key is absent and needs no DEL before `take`.
+  local existed = h[1] or h[2] or h[3] or h[4] or h[5] or h[6]
   local cached = false
   if state == 'done' then
     cached = redis.call('GET', resp)
     if not cached then state = false end -- response expired: the record counts as absent
   end
   if not state then
-    out[i] = take(req, item, token, member, 1)
+    out[i] = take(req, item, token, member, 1, existed)
   elseif h[2] ~= fp then
     out[i] = {'conflict', attempts}
   elseif state == 'done' then
@@ -77,7 +97,7 @@ for i = 1, n do
     lease(req, token, member, 1) -- attempts stay: this lease only closes the record
     out[i] = {'exhausted', attempts}
   else
-    out[i] = take(req, item, token, member, attempts + 1)
+    out[i] = take(req, item, token, member, attempts + 1, true)
   end
 end
 return cmsgpack.pack(out)
