@@ -18,6 +18,7 @@ generated ``__init__`` by not using this).
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -28,8 +29,11 @@ _Q_FACTORY = object()  # a parameter left to its default factory
 def quick_init(cls: type[T]) -> type[T]:
     """Replace a frozen dataclass's ``__init__``; apply above ``@dataclass``."""
     params = getattr(cls, "__dataclass_params__", None)
-    if params is None or not params.frozen:
-        raise TypeError(f"{cls.__name__}: quick_init is for frozen dataclasses")
+    if params is None or not params.frozen or not params.init:
+        raise TypeError(f"{cls.__name__}: quick_init is for frozen dataclasses with __init__")
+    own = getattr(cls.__dict__.get("__init__"), "__code__", None)
+    if own is None or own.co_filename != "<string>":  # dataclasses makes its own by exec
+        raise TypeError(f"{cls.__name__}: its __init__ is not the one dataclasses made")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__}: __post_init__ needs the generated __init__")
     every = cls.__dataclass_fields__.values()  # type: ignore[attr-defined]
@@ -38,11 +42,12 @@ def quick_init(cls: type[T]) -> type[T]:
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     if any(not f.init for f in fields):
         raise TypeError(f"{cls.__name__}: fields outside __init__ are not supported")
-    slotted = "__dict__" not in dir(cls) and hasattr(cls, "__slots__")
+    slots = {f.name: _slot(cls, f.name) for f in fields}  # None: the field is in __dict__
     env: dict[str, Any] = {"_Q_FACTORY": _Q_FACTORY}
     positional: list[str] = []
     keyword: list[str] = []
-    body: list[str] = [] if slotted else ["    _q_dict = self.__dict__"]
+    in_dict = any(slot is None for slot in slots.values())
+    body: list[str] = ["    _q_dict = self.__dict__"] if in_dict else []
     for i, f in enumerate(fields):
         param, value = f.name, f.name
         if f.default is not dataclasses.MISSING:
@@ -53,8 +58,9 @@ def quick_init(cls: type[T]) -> type[T]:
             param += "=_Q_FACTORY"
             value = f"(_qf{i}() if {value} is _Q_FACTORY else {value})"
         (keyword if f.kw_only else positional).append(param)
-        if slotted:
-            env[f"_qs{i}"] = _slot(cls, f.name).__set__
+        slot = slots[f.name]
+        if slot is not None:
+            env[f"_qs{i}"] = slot.__set__
             body.append(f"    _qs{i}(self, {value})")
         else:
             body.append(f"    _q_dict[{f.name!r}] = {value}")
@@ -75,8 +81,11 @@ def quick_init(cls: type[T]) -> type[T]:
 
 
 def _slot(cls: type, name: str) -> Any:
-    """The member descriptor of slot ``name``, from ``cls`` or the base that declares it."""
+    """The slot descriptor that ``object.__setattr__`` would use for field ``name``, or
+    None when it would write the instance's ``__dict__``: the first class in the MRO that
+    has the name decides, as in attribute lookup."""
     for klass in cls.__mro__:
         if name in klass.__dict__:
-            return klass.__dict__[name]
-    raise TypeError(f"{cls.__name__}: no slot for field {name!r}")
+            found = klass.__dict__[name]
+            return found if isinstance(found, types.MemberDescriptorType) else None
+    return None

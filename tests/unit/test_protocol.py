@@ -466,6 +466,9 @@ def test_fingerprint_is_the_documented_stream() -> None:
             assert fingerprint(model, version, inputs) == _documented_fingerprint(
                 model, version, inputs
             )
+    x = {"x": np.zeros(2)}
+    fingerprint("m", 1, x)  # kept under a key that True equals
+    assert fingerprint("m", True, x) == _documented_fingerprint("m", True, x)  # type: ignore[arg-type]
 
 
 # ---- responses and errors -------------------------------------------------------------
@@ -660,8 +663,8 @@ def test_encode_answers_is_encode_response_byte_for_byte(fast_below: int) -> Non
         Answer(f"id-{i}", "app" if i % 2 else "", n, 1.25 * i, metas[i], codecs[i])
         for i, n in enumerate(rows)
     ]
-    for worker in ("w-1", None):
-        batch = AnswerBatch("m", 7, worker, 0.321, outputs, answers)
+    for worker, version in (("w-1", 7), (None, None)):
+        batch = AnswerBatch("m", version, worker, 0.321, outputs, answers)
         got = wire.encode_answers(batch)
         offset, want = 0, []
         for answer in answers:

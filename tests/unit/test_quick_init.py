@@ -105,6 +105,40 @@ def test_slotted_subclass_uses_the_base_slots() -> None:
     assert not hasattr(obj, "__dict__")
 
 
+def test_mixed_slotted_and_dict_hierarchies() -> None:
+    """Slots from one class and __dict__ from another: each field goes where
+    `object.__setattr__` would put it (the first class in the MRO naming it decides)."""
+
+    @dataclass(frozen=True)
+    class Plain:
+        a: int
+
+    @quick_init
+    @dataclass(frozen=True, slots=True)
+    class SlottedOnPlain(Plain):
+        b: int = 0
+
+    @dataclass(frozen=True, slots=True)
+    class Slotted:
+        a: int
+
+    @quick_init
+    @dataclass(frozen=True)
+    class PlainOnSlotted(Slotted):
+        b: int = 0
+
+    @quick_init
+    @dataclass(frozen=True)
+    class Redefined(Slotted):
+        a: int = 7  # a class default in front of the base's slot: __dict__ wins
+
+    for cls in (SlottedOnPlain, PlainOnSlotted):
+        obj = cls(1, 2)
+        assert (obj.a, obj.b) == (1, 2), cls.__name__
+        assert dataclasses.replace(obj, b=5).b == 5
+    assert Redefined(3).a == 3 and Redefined().a == 7
+
+
 def test_refuses_what_it_cannot_reproduce() -> None:
     @dataclass
     class Mutable:
@@ -131,6 +165,17 @@ def test_refuses_what_it_cannot_reproduce() -> None:
     class Clash:
         _q_dict: int
 
-    for cls in (Mutable, Post, Hidden, Init, Clash, int):
+    @dataclass(frozen=True)
+    class OwnInit:
+        a: int
+
+        def __init__(self, a: int) -> None:
+            object.__setattr__(self, "a", a * 2)
+
+    @dataclass(frozen=True, init=False)
+    class NoInit:
+        a: int = 0
+
+    for cls in (Mutable, Post, Hidden, Init, Clash, OwnInit, NoInit, int):
         with pytest.raises(TypeError):
             quick_init(cls)

@@ -237,15 +237,11 @@ class WireCodec:
             for name, dtype, rest, arr in tensors:
                 part = arr[offset:end]
                 outputs[name] = {"dtype": dtype, "shape": [len(part), *rest], "data": part.data}
-            obj: dict[str, Any] = {
-                "v": 1,
-                "id": answer.id,
-                "app": answer.app,
-                "model": model,
-                "version": version,
-                "status": "ok",
-                "outputs": outputs,
-            }
+            obj: dict[str, Any] = {"v": 1, "id": answer.id, "app": answer.app, "model": model}
+            if version is not None:
+                obj["version"] = version
+            obj["status"] = "ok"
+            obj["outputs"] = outputs
             if answer.meta is not None:
                 obj["meta"] = answer.meta
             obj["timing"] = {

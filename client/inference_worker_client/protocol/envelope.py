@@ -111,7 +111,7 @@ class AnswerBatch:
     the same bytes as one `Response` each, without building them one by one."""
 
     model: str
-    version: int
+    version: int | None
     worker: str | None
     compute_ms: float
     outputs: Mapping[str, Array]  # the whole batch's rows, in the answers' order

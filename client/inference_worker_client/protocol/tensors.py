@@ -184,7 +184,7 @@ def fingerprint(model: str, version: int | None, inputs: Mapping[str, Array]) ->
     and large tensors make this the costliest step of decode. For small requests the
     fixed part dominates, so the hash of the model and version fields is kept and copied,
     and each name's and shape's field is made once (bounded caches: names are at most
-    ``max_id_len`` characters and shapes ``max_depth`` dimensions, ~1.5 MiB at most with
+    ``max_id_len`` characters and shapes ``max_depth`` dimensions, ~3 MiB at most with
     the default limits, whatever a sender cycles through).
     """
     h = _seeded(model, version).copy()
@@ -201,13 +201,11 @@ def fingerprint(model: str, version: int | None, inputs: Mapping[str, Array]) ->
     return digest[:32]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True and 1 hash differently
 def _seeded(model: str, version: int | None) -> Any:
     """sha256 fed the model and version fields (`fingerprint` copies it, never updates it)."""
     version_bytes = b"" if version is None else str(version).encode()
-    return hashlib.sha256(
-        _field(model.encode("utf-8", "surrogatepass")) + _field(version_bytes)
-    )
+    return hashlib.sha256(_field(model.encode("utf-8", "surrogatepass")) + _field(version_bytes))
 
 
 @functools.lru_cache(maxsize=1024)
