@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 
 from inference_worker.batchcost import BatchCost
 from inference_worker.batchpolicy import BatchPolicy, FixedDelay
-from inference_worker.batchqueue import Entry, FairQueue
+from inference_worker.batchqueue import DETACHED, Entry, FairQueue, Outcome
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -151,17 +151,32 @@ class DynamicBatcher(Generic[T, R]):
             raise BatcherClosed(self.name)
         if self.full:
             return None
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._enqueue(item, future)
+        return future
+
+    def try_put(self, item: T) -> bool:
+        """Queue ``item`` with nobody waiting for its result (the handler's own effects
+        are the result); False when the queue is full. Its handler's failures, and its
+        expiry when there is no ``on_expired``, are then not reported anywhere: the
+        handler and ``on_expired`` must report them themselves."""
+        if self._closed:
+            raise BatcherClosed(self.name)
+        if self.full:
+            return False
+        self._enqueue(item, DETACHED)
+        return True
+
+    def _enqueue(self, item: T, outcome: Outcome[R]) -> None:
         self.start()
         key = self._key_of(item) if self._key_of is not None else ""
         deadline = self._deadline_of(item) if self._deadline_of is not None else None
         size, priority = self._size_of(item), self._priority_of(item)
         now = self._clock()
         arrived = self._arrived_of(item) if self._arrived_of is not None else now
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append(Entry(item, future, now, key, size, deadline, priority, arrived))
+        self._queue.append(Entry(item, outcome, now, key, size, deadline, priority, arrived))
         self._update_not_full()
         self._wakeup.set()
-        return future
 
     async def submit(self, item: T) -> asyncio.Future[R]:
         """Wait (backpressure) while the queue is full, then queue ``item``."""

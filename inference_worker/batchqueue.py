@@ -19,22 +19,53 @@ O(log n) at most.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+R_contra = TypeVar("R_contra", contravariant=True)
+
+
+class Outcome(Protocol[R_contra]):
+    """Where an entry's result goes: the `asyncio.Future` its submitter awaits, or
+    `DETACHED` when nobody waits for it."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: R_contra, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def cancel(self) -> bool: ...
+
+
+class _Detached:
+    """The outcome of an item nobody waits for (`DynamicBatcher.try_put`): never done,
+    so the queue never skips it as cancelled, and results are dropped. It saves a future,
+    a done callback and its turn through the event loop per item."""
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: object, /) -> None:
+        pass
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        return False
+
+
+DETACHED: Outcome[Any] = _Detached()
 
 
 @dataclass(slots=True, eq=False)
 class Entry(Generic[T, R]):
     item: T
-    future: asyncio.Future[R]
+    future: Outcome[R]
     enqueued_at: float
     key: str = ""
     size: int = 1  # rows

@@ -20,10 +20,9 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from inference_worker.batchcost import BatchCost
-from inference_worker.batching import BatcherClosed, DrainTimeout, DynamicBatcher
+from inference_worker.batching import DrainTimeout, DynamicBatcher
 from inference_worker.batchpolicy import policy_for
 from inference_worker.gcpause import collect_retired
 from inference_worker.inputs import InputCheck
@@ -105,8 +104,7 @@ class Lane:
         """Queue `job` without waiting; False when this lane is retired."""
         if self.batcher.closed:
             return False
-        if not self._backlog and not self.batcher.full:
-            self._watch(self.batcher.try_submit(job))
+        if not self._backlog and self.batcher.try_put(job):
             return True
         self._backlog.append(job)
         self._more.set()
@@ -120,21 +118,30 @@ class Lane:
                 self._more.clear()
                 await self._more.wait()
             await self.batcher.room()
-            while self._backlog and not self.batcher.full and not self.batcher.closed:
-                self._watch(self.batcher.try_submit(self._backlog.popleft()))
+            while self._backlog and not self.batcher.closed:
+                if not self.batcher.try_put(self._backlog[0]):
+                    break
+                self._backlog.popleft()
             if self.batcher.closed:
                 return
 
-    def _watch(self, future: asyncio.Future[None] | None) -> None:
-        if future is not None:
-            future.add_done_callback(_quiet)
+    # Jobs go in by `try_put`: nobody awaits a job's result, so the batch steps report
+    # their own failures (once per batch) and then let the batcher see them as well.
 
     async def _run(self, jobs: list[Job]) -> list[None]:
-        await self._handle_batch(self, jobs)
+        try:
+            await self._handle_batch(self, jobs)
+        except Exception:
+            log.error("batch step failed", exc_info=True, extra={"model": self.name})
+            raise
         return [None] * len(jobs)
 
     async def _expired(self, jobs: list[Job]) -> list[None]:
-        await self._handle_expired(jobs)
+        try:
+            await self._handle_expired(jobs)
+        except Exception:
+            log.error("expired jobs step failed", exc_info=True, extra={"model": self.name})
+            raise
         return [None] * len(jobs)
 
     async def drain(self, within_s: float) -> list[Job]:
@@ -264,11 +271,3 @@ def _priority(job: Job) -> int:
 
 def _moved(job: Job, lane: Lane) -> Job:
     return dataclasses.replace(job, lane=lane)
-
-
-def _quiet(future: asyncio.Future[Any]) -> None:
-    """Batch outcomes are handled inside the batch; only a closed batcher ends here."""
-    if not future.cancelled():
-        exc = future.exception()
-        if exc is not None and not isinstance(exc, BatcherClosed):
-            log.error("batch step failed", exc_info=exc)

@@ -14,6 +14,7 @@ from inference_worker.batching import (
     BatcherClosed,
     BatchOutputMismatch,
     DeadlineExceeded,
+    DrainTimeout,
     DynamicBatcher,
 )
 
@@ -549,3 +550,73 @@ async def test_competing_apps_share_batches_round_robin_by_weight() -> None:
     ]  # fmt: skip
     quiet_done = max(i for i, b in enumerate(batches) if any(x.startswith("quiet") for x in b))
     assert quiet_done == 3, f"quiet finished in batch {quiet_done}; FIFO would take batch 8"
+
+
+# ---- try_put: items nobody waits for -------------------------------------------------
+
+
+async def test_put_items_batch_like_submitted_ones() -> None:
+    """Put items batch, flush and keep their order as submitted ones do, mixed with them,
+    and a full queue says so instead of growing."""
+    clock, h = FakeClock(), Handler()
+    b = make(h, clock, max_batch_size=3, max_queue=4)
+    assert b.try_put(1) and b.try_put(2)
+    fut = b.try_submit(3)
+    assert fut is not None
+    await settle()
+    assert h.batches == [[1, 2, 3]] and fut.result() == 30
+    h.gated = True
+    assert b.try_put(4)
+    await clock.advance(1.0)  # the delay flush takes the lone put item
+    assert h.batches[-1] == [4]
+    assert all(b.try_put(i) for i in range(10, 14)) and b.full  # the one slot is busy
+    assert not b.try_put(99)
+    h.gated = False
+    h.gates[0].set()
+    await b.drain()
+    assert [i for batch in h.batches for i in batch] == [1, 2, 3, 4, 10, 11, 12, 13]
+
+
+async def test_put_items_expire_to_on_expired_and_failures_stay_in_their_batch() -> None:
+    clock = FakeClock()
+    ran: list[list[int]] = []
+    expired: list[list[int]] = []
+
+    async def handler(items: list[int]) -> Sequence[int]:
+        ran.append(items)
+        if 0 in items:
+            raise ValueError("boom")
+        return items
+
+    async def on_expired(items: list[int]) -> Sequence[int]:
+        expired.append(items)
+        return items
+
+    b = make(
+        handler, clock, max_batch_size=2, on_expired=on_expired,
+        deadline_of=lambda it: -1.0 if it == 7 else None,
+    )  # fmt: skip
+    for i in (0, 1, 7, 2, 3):
+        assert b.try_put(i)
+    await clock.advance(1.0)
+    assert expired == [[7]]
+    assert ran == [[0, 1], [2, 3]]  # the failing batch did not stop the next one
+    await b.drain()
+    with pytest.raises(BatcherClosed):
+        b.try_put(5)
+
+
+async def test_drain_timeout_hands_back_put_items() -> None:
+    clock, h = FakeClock(), Handler(gated=True)
+    b = make(h, clock, max_batch_size=2)
+    for i in range(4):
+        assert b.try_put(i)
+    await settle()
+    drain = asyncio.create_task(b.drain(timeout=5.0))
+    await clock.advance(5.0)
+    with pytest.raises(DrainTimeout) as info:
+        drain.result()
+    assert info.value.left == [2, 3]
+    h.gates[0].set()
+    await settle()
+    await b.drain()
