@@ -33,11 +33,19 @@ local now = now_ms()
 local until_ms = now + lease_ms
 local out = {}
 
+-- Members leased by this call: out of the retry zset, into the leases zset, both once
+-- for the whole call after the loop (each_chunk).
+local unretry, leased = {}, {}
+local function leased_member(member)
+  unretry[#unretry + 1] = member
+  leased[#leased + 1] = until_ms
+  leased[#leased + 1] = member
+end
+
 local function lease(req, token, member, exhausted)
   redis.call('HSET', req, 'token', token, 'lease_until', until_ms, 'lease_ms', lease_ms,
     'exhausted', exhausted, 'taken_at', now)
-  redis.call('ZREM', retry, member)
-  redis.call('ZADD', leases, until_ms, member)
+  leased_member(member)
 end
 
 -- A fresh pending record under a new lease: one HSET with every field (the journal, then
@@ -63,8 +71,7 @@ local function take(req, item, token, member, attempts, existed)
   fields[n_fields + 7], fields[n_fields + 8] = 'exhausted', 0
   fields[n_fields + 9], fields[n_fields + 10] = 'taken_at', now
   redis.call('HSET', req, unpack(fields))
-  redis.call('ZREM', retry, member)
-  redis.call('ZADD', leases, until_ms, member)
+  leased_member(member)
   return {'new', attempts}
 end
 
@@ -100,4 +107,6 @@ for i = 1, n do
     out[i] = take(req, item, token, member, attempts + 1, true)
   end
 end
+each_chunk('ZREM', retry, unretry, 1000)
+each_chunk('ZADD', leases, leased, 1000)
 return cmsgpack.pack(out)

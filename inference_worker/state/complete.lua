@@ -15,6 +15,7 @@ local leases, retry = KEYS[#KEYS - 1], KEYS[#KEYS]
 local ttl, req_prefix = tonumber(ARGV[1]), ARGV[2]
 local items = cmsgpack.unpack(ARGV[3])
 local out = {}
+local released = {} -- out of both zsets once, after the loop (each_chunk)
 for i = 1, n do
   local req, resp = KEYS[2 * i - 1], KEYS[2 * i]
   local token, response = items[i][1], items[i][2]
@@ -28,8 +29,7 @@ for i = 1, n do
       'lease_ms', 'taken_at')
     redis.call('HSET', req, 'state', 'done')
     redis.call('EXPIRE', req, ttl)
-    redis.call('ZREM', leases, member)
-    redis.call('ZREM', retry, member)
+    released[#released + 1] = member
     out[i] = '1'
   elseif h[1] == 'done' and redis.call('EXISTS', resp) == 1 then
     out[i] = '1'
@@ -37,4 +37,6 @@ for i = 1, n do
     out[i] = '0'
   end
 end
+each_chunk('ZREM', leases, released, 1000)
+each_chunk('ZREM', retry, released, 1000)
 return table.concat(out)

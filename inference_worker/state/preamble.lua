@@ -17,3 +17,12 @@ local function member_of(req, req_prefix)
   return string.sub(req, #req_prefix + 1)
 end
 
+-- `cmd key args...` over a list of arguments, a chunk of `step` at a time (Lua's unpack
+-- is bounded by its C stack): the zset updates of a whole group in one command or a few,
+-- instead of one per item. Scripts run atomically, so doing them after the loop is
+-- invisible to every other call; within a script nothing reads those zsets.
+local function each_chunk(cmd, key, args, step)
+  for first = 1, #args, step do
+    redis.call(cmd, key, unpack(args, first, math.min(first + step - 1, #args)))
+  end
+end
