@@ -279,7 +279,7 @@ class DynamicBatcher(Generic[T, R]):
     def _expired(self, entries: list[Entry[T, R]]) -> None:
         if self._on_expired is None:
             for entry in entries:
-                entry.future.set_exception(DeadlineExceeded(self.name))
+                entry.outcome.set_exception(DeadlineExceeded(self.name))
         else:
             self._spawn(self._run(self._on_expired, entries, uses_slot=False))
 
@@ -332,15 +332,15 @@ class DynamicBatcher(Generic[T, R]):
                     f"{self.name}: handler returned {len(results)} results for {len(entries)} items"
                 )
             for entry, result in zip(entries, results, strict=True):
-                if not entry.future.done():
-                    entry.future.set_result(result)
+                if not entry.outcome.done():
+                    entry.outcome.set_result(result)
         except Exception as exc:
             for entry in entries:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
+                if not entry.outcome.done():
+                    entry.outcome.set_exception(exc)
         finally:
             for entry in entries:  # only reached undone on cancellation
-                entry.future.cancel()
+                entry.outcome.cancel()
             if uses_slot:
                 self._busy_slots -= 1
                 self._in_flight -= len(entries)
@@ -381,7 +381,7 @@ class DynamicBatcher(Generic[T, R]):
         left: list[object] = []
         while (entry := self._queue.popnext()) is not None:
             left.append(entry.item)
-            entry.future.set_exception(BatcherClosed(self.name))
+            entry.outcome.set_exception(BatcherClosed(self.name))
         raise DrainTimeout(f"batcher {self.name!r} did not drain in {timeout}s", left)
 
     async def _wait_idle(self) -> None:

@@ -65,7 +65,7 @@ DETACHED: Outcome[Any] = _Detached()
 @dataclass(slots=True, eq=False)
 class Entry(Generic[T, R]):
     item: T
-    future: Outcome[R]
+    outcome: Outcome[R]  # its submitter's future, or DETACHED
     enqueued_at: float
     key: str = ""
     size: int = 1  # rows
@@ -121,7 +121,7 @@ class FairQueue(Generic[T, R]):
     def oldest(self) -> Entry[T, R] | None:
         """The live entry that has waited longest (it decides the delay flush)."""
         q = self._arrivals
-        while q and (q[0].gone or q[0].future.done()):
+        while q and (q[0].gone or q[0].outcome.done()):
             self._discard(q.popleft())
         if len(q) > 2 * self._len + 64:
             q = self._arrivals = deque(e for e in q if not e.gone)
@@ -129,7 +129,7 @@ class FairQueue(Generic[T, R]):
 
     def earliest_deadline(self) -> float | None:
         h = self._deadlines
-        while h and (h[0][2].gone or h[0][2].future.done()):
+        while h and (h[0][2].gone or h[0][2].outcome.done()):
             self._discard(heapq.heappop(h)[2])
         if len(h) > 2 * self._len + 64:
             self._deadlines = [t for t in h if not t[2].gone]
@@ -157,7 +157,7 @@ class FairQueue(Generic[T, R]):
 
     def _clean(self, key: str) -> None:
         heap = self._heaps[key]
-        while heap and (heap[0][1].gone or heap[0][1].future.done()):
+        while heap and (heap[0][1].gone or heap[0][1].outcome.done()):
             self._discard(heapq.heappop(heap)[1])
         if not heap:
             self._remove(key)

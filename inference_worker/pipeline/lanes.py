@@ -125,24 +125,22 @@ class Lane:
             if self.batcher.closed:
                 return
 
-    # Jobs go in by `try_put`: nobody awaits a job's result, so the batch steps report
-    # their own failures (once per batch) and then let the batcher see them as well.
-
     async def _run(self, jobs: list[Job]) -> list[None]:
-        try:
-            await self._handle_batch(self, jobs)
-        except Exception:
-            log.error("batch step failed", exc_info=True, extra={"model": self.name})
-            raise
+        await self._reported("batch step", self._handle_batch(self, jobs))
         return [None] * len(jobs)
 
     async def _expired(self, jobs: list[Job]) -> list[None]:
-        try:
-            await self._handle_expired(jobs)
-        except Exception:
-            log.error("expired jobs step failed", exc_info=True, extra={"model": self.name})
-            raise
+        await self._reported("expired jobs step", self._handle_expired(jobs))
         return [None] * len(jobs)
+
+    async def _reported(self, step: str, work: Awaitable[None]) -> None:
+        """Jobs go in by `try_put`, so nobody awaits a job's result: a failed step is
+        logged here, once per batch, and then raised for the batcher to see as well."""
+        try:
+            await work
+        except Exception:
+            log.error("%s failed", step, exc_info=True, extra={"model": self.name})
+            raise
 
     async def drain(self, within_s: float) -> list[Job]:
         """Stop taking jobs, run what is queued within `within_s`; returns what was left."""

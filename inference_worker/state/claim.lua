@@ -48,13 +48,14 @@ local function lease(req, token, member, exhausted)
   leased_member(member)
 end
 
--- A fresh pending record under a new lease: one HSET with every field (the journal, then
+-- A fresh pending record under a new lease: one HSET with every field (the journal and
 -- the lease), after a DEL only when a record was there (`existed`: a retake, or a done
 -- record whose response expired), so no field of an earlier run survives.
 local function take(req, item, token, member, attempts, existed)
   if existed then redis.call('DEL', req) end
   local fields = {'state', 'pending', 'fp', item[2], 'attempts', attempts,
-    'payload', item[3], 'topic', item[4]}
+    'payload', item[3], 'topic', item[4], 'token', token, 'lease_until', until_ms,
+    'lease_ms', lease_ms, 'exhausted', 0, 'taken_at', now}
   local reply_to, corr = item[5], item[6]
   if reply_to ~= '' then
     fields[#fields + 1] = 'reply_to'
@@ -64,12 +65,6 @@ local function take(req, item, token, member, attempts, existed)
     fields[#fields + 1] = 'corr'
     fields[#fields + 1] = string.sub(corr, 2)
   end
-  local n_fields = #fields
-  fields[n_fields + 1], fields[n_fields + 2] = 'token', token
-  fields[n_fields + 3], fields[n_fields + 4] = 'lease_until', until_ms
-  fields[n_fields + 5], fields[n_fields + 6] = 'lease_ms', lease_ms
-  fields[n_fields + 7], fields[n_fields + 8] = 'exhausted', 0
-  fields[n_fields + 9], fields[n_fields + 10] = 'taken_at', now
   redis.call('HSET', req, unpack(fields))
   leased_member(member)
   return {'new', attempts}
